@@ -85,18 +85,23 @@ class MaskCache:
     the masks of the token count they see.
     """
 
-    def __init__(self, boxes: Sequence[Box], height: int, width: int) -> None:
+    def __init__(self, full_res_masks: torch.Tensor, height: int, width: int) -> None:
+        """``full_res_masks``: (N, height, width) float64 instance masks with values in [0, 1]."""
         if height % LATENT_FACTOR or width % LATENT_FACTOR:
             raise ValueError(f"image size {width}x{height} must be a multiple of {LATENT_FACTOR}")
         self.height, self.width = height, width
         self.latent_hw = (height // LATENT_FACTOR, width // LATENT_FACTOR)
+        self.latent_instances, self.latent_background = latent_masks(full_res_masks, height, width)
+        self._cache: dict[tuple, FeatureMasks] = {}
+
+    @classmethod
+    def from_boxes(cls, boxes: Sequence[Box], height: int, width: int) -> "MaskCache":
         full = (
             torch.stack([box_mask(b, height, width) for b in boxes])
-            if boxes
+            if len(boxes)
             else torch.zeros((0, height, width), dtype=torch.float64)
         )
-        self.latent_instances, self.latent_background = latent_masks(full, height, width)
-        self._cache: dict[tuple, FeatureMasks] = {}
+        return cls(full, height, width)
 
     def for_tokens(self, tokens: int, device: torch.device, dtype: torch.dtype) -> FeatureMasks:
         """Masks for a layer whose hidden states have ``tokens`` positions."""

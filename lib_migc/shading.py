@@ -245,6 +245,22 @@ class LayerShader:
         out, weights = self._migc(x, a_all, masks, prep, perms)
         return (out, weights) if return_weights else out
 
+    def _enhancement_alpha(self, x: torch.Tensor, prep: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-head softmax weight of the pooled token against the box token, (B, N, HW, heads)."""
+        q_ea = self.block.enhancement_query(x).unflatten(-1, (self.heads, -1))  # (B, HW, h, d)
+        return torch.sigmoid(torch.einsum("bphd,nhd->bnph", q_ea, prep["ea_dk"]))
+
+    @torch.no_grad()
+    def enhancement(self, x: torch.Tensor, masks: FeatureMasks) -> torch.Tensor:
+        """Each instance's masked Enhancement Attention output m_i * EA_i, (B, N, HW, C).
+
+        The MIGC path never materialises this (it folds it into the SAC inputs and the final sum);
+        it is here to inspect and visualise what the EA adds per instance.
+        """
+        prep = self._prepared(x)
+        ea = torch.einsum("bnph,nhc->bnpc", self._enhancement_alpha(x, prep), prep["ea_dir"])
+        return (ea + prep["ea_base"][:, None]) * masks.instances[None, :, :, None]
+
     def _instance_attention(self, q: torch.Tensor, prep: dict[str, torch.Tensor]) -> torch.Tensor:
         b, h, hw, d = q.shape
         n = self.cond.count
@@ -277,9 +293,7 @@ class LayerShader:
         height, width = masks.size
         m_inst, m_bg = masks.instances, masks.background  # (N, HW), (HW,)
 
-        # --- Enhancement Attention: alpha = per-head weight of the pooled token vs the box token.
-        q_ea = block.enhancement_query(x).unflatten(-1, (heads, -1))  # (B, HW, h, d)
-        alpha = torch.sigmoid(torch.einsum("bphd,nhd->bnph", q_ea, prep["ea_dk"]))  # (B, N, HW, h)
+        alpha = self._enhancement_alpha(x, prep)  # (B, N, HW, h)
 
         # --- Layout Attention: self-attention restricted to pixels that share a region.
         la = block.la
