@@ -22,6 +22,7 @@ import torch
 
 from .errors import CheckpointError
 from .modules import MIGCBlock, expected_state_shapes
+from .unet_layers import layer_sort_key
 
 KIND_MIGC = "migc"
 KIND_MIGC_PLUS = "migc++"
@@ -44,12 +45,6 @@ class MigcWeights:
     @property
     def layers(self) -> list[str]:
         return sorted(self.blocks, key=layer_sort_key)
-
-
-def layer_sort_key(name: str) -> tuple:
-    kind, *idx = name.split(".")
-    order = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}.get(kind, 3)
-    return (order, *[int(i) for i in idx if i.isdigit()])
 
 
 # ------------------------------------------------------------------------------------ reading files

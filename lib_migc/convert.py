@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import KIND_MIGC, layer_sort_key, check_state, read_state_dict
+from .checkpoint import KIND_MIGC, check_state, read_state_dict
+from .unet_layers import layer_sort_key
 from .errors import CheckpointError
 
 

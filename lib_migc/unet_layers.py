@@ -23,3 +23,10 @@ def attn2_layers(unet: nn.Module) -> dict[str, nn.Module]:
         if match:
             found[match.group(1)] = module
     return found
+
+
+def layer_sort_key(name: str) -> tuple:
+    """Order layer names as the UNet runs them: input blocks, middle block, output blocks."""
+    kind, *idx = name.split(".")
+    order = {"input_blocks": 0, "middle_block": 1, "output_blocks": 2}.get(kind, 3)
+    return (order, *[int(i) for i in idx if i.isdigit()])

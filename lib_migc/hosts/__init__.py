@@ -1,0 +1,1 @@
+"""Thin adapters between the WebUI hosts (AUTOMATIC1111, Forge) and the shared MIGC core."""

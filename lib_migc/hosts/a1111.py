@@ -1,0 +1,179 @@
+"""AUTOMATIC1111 adapter: text encoding through the WebUI, attn2 hooks, CFG row bookkeeping.
+
+No MIGC math here: the hooks find which rows of each UNet call are cond rows and hand those to
+:meth:`MigcSession.shade`; everything else runs the module's own forward.
+
+Why instance-level ``forward`` overrides: A1111 applies its attention optimisations by replacing
+``CrossAttention.forward`` on the class; an instance attribute wins over it, so the hooks work under
+every optimisation, and the vanilla path calls the class method *at call time*, so an optimisation
+re-applied between (or during) generations is honoured.
+
+Which rows are cond: ``CFGDenoiser.forward`` stacks every image's cond rows (one per AND sub-prompt)
+first and the uncond rows (one per image) last, then may drop the uncond rows (NGMS / skip early
+CFG) or split the rows into several UNet calls (``batch_cond_uncond`` off, or cond and uncond of
+different token lengths) — always in row order. The CFG-denoiser callback gives the row counts of
+each step; the first hooked layer of every UNet call advances a row cursor, so each layer knows which
+rows of ``x_in`` its call holds.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import MigcError
+from ..patching import ForwardPatches
+from ..session import MigcSession
+from ..shading import ShadingMode
+from ..unet_layers import attn2_layers, layer_sort_key
+
+log = logging.getLogger("migc")
+
+
+# ---------------------------------------------------------------------------------------- encoding
+@torch.no_grad()
+def encode_phrases(sd_model: Any, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts (N, 77*k, 768) and pooled embeddings (N, 768) of ``phrases`` through the WebUI's own path.
+
+    ``get_learned_conditioning`` honours emphasis, textual inversion, CLIP skip and long prompts as
+    for the main prompt. The pooled vector (CLIP's final-normed state at the first EOS) is not returned
+    by the WebUI's SD1 embedder, so the CLIP text model's last hidden state is captured during that same
+    call (so embeddings are in it too) and read at each phrase's first EOS of its first chunk.
+    """
+    embedder = sd_model.cond_stage_model
+    transformer = embedder.wrapped.transformer
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    previous = transformer.forward
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        out = previous(*args, **kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        captured.append((ids, out.last_hidden_state))
+        return out
+
+    with ForwardPatches() as patches:
+        patches.install(transformer, capture)
+        contexts = sd_model.get_learned_conditioning(list(phrases))
+    if not captured:
+        raise MigcError("MIGC: could not read the text encoder's pooled output for the instance descriptions.")
+    ids, hidden = captured[0]
+    eos = int(getattr(embedder, "id_end", None) or transformer.config.eos_token_id)
+    ids = ids.to(hidden.device)
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    is_eos = (ids == eos) & (positions > 0)
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), first_eos]
+    return contexts, pooled
+
+
+# ---------------------------------------------------------------------------------------- rows
+@dataclass
+class RowCursor:
+    """Where the rows of the current UNet call sit in this step's CFG batch (``x_in``)."""
+
+    cond_rows: int | None = None  # rows of x_in that are cond rows (they come first)
+    total_rows: int = 0
+    rows_per_image: int = 1
+    done: int = 0
+    start: int = 0
+
+    def new_step(self, cond_rows: int, total_rows: int, images: int) -> None:
+        self.cond_rows, self.total_rows, self.done, self.start = cond_rows, total_rows, 0, 0
+        self.rows_per_image = max(cond_rows // max(images, 1), 1) if cond_rows % max(images, 1) == 0 else 0
+
+    def new_call(self, rows: int) -> None:
+        self.start = self.done
+        self.done += rows
+
+    def cond_part(self, rows: int) -> tuple[int, list[int]]:
+        """(number of leading cond rows in this call, image index of each). 0 when the call is not one
+        of this step's CFG calls (e.g. another extension running the UNet itself)."""
+        if self.cond_rows is None or self.start + rows > self.total_rows:
+            return 0, []
+        count = max(0, min(self.cond_rows - self.start, rows))
+        per = self.rows_per_image
+        images = [(self.start + j) // per if per else 0 for j in range(count)]
+        return count, images
+
+
+# ---------------------------------------------------------------------------------------- hooks
+class A1111Hooks:
+    """The attn2 overrides of one sampling pass; :meth:`remove` restores the UNet exactly."""
+
+    def __init__(
+        self,
+        session: MigcSession,
+        on_error: Callable[[], None] | None = None,
+        is_current: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """``on_error`` runs before a pending error is raised; ``is_current`` tells whether the job that
+        installed the hooks is still running (hooks left behind by a failed job then step aside)."""
+        self.session = session
+        self.rows = RowCursor()
+        self.patches = ForwardPatches()
+        self.on_error = on_error
+        self.is_current = is_current
+
+    @property
+    def installed(self) -> bool:
+        return self.patches.active
+
+    def install(self, unet: nn.Module) -> list[str]:
+        """Hook the layers this session can change; returns their names."""
+        self.remove()
+        layers = attn2_layers(unet)
+        names = sorted(self.session.hooked_layers(list(layers)), key=layer_sort_key)
+        if not names and self.session.pending_error is not None:
+            names = sorted(layers, key=layer_sort_key)[:1]  # one hook is enough to raise the error
+        for index, name in enumerate(names):
+            self.patches.install(layers[name], self._forward_for(name, layers[name], first=index == 0))
+        return names
+
+    def remove(self) -> None:
+        self.patches.remove()
+
+    def on_cfg_step(self, sampling_step: int, total_steps: int, text_cond: Any, x_rows: int, images: int) -> None:
+        self.session.set_step(sampling_step, total_steps)
+        cond_rows = text_cond.shape[0] if isinstance(text_cond, torch.Tensor) else None
+        if cond_rows is None:
+            self.rows.cond_rows = None
+        else:
+            self.rows.new_step(cond_rows, x_rows, images)
+
+    def _forward_for(self, name: str, attn: nn.Module, first: bool) -> Callable:
+        previous = attn.__dict__.get("forward")  # another extension's override, if any
+        session, rows = self.session, self.rows
+
+        def forward(x: torch.Tensor, context: torch.Tensor | None = None, mask: Any = None, **kwargs: Any) -> torch.Tensor:
+            def plain(xx: torch.Tensor, cc: torch.Tensor | None) -> torch.Tensor:
+                if previous is not None:
+                    return previous(xx, context=cc, mask=mask, **kwargs)
+                return type(attn).forward(attn, xx, context=cc, mask=mask, **kwargs)
+
+            if not self.is_current():
+                self.remove()
+                return plain(x, context)
+            if session.pending_error is not None:
+                error = session.pending_error
+                self.remove()
+                if self.on_error is not None:
+                    self.on_error()
+                raise error
+            if first:
+                rows.new_call(x.shape[0])
+            mode = session.mode_for(name)
+            if mode is ShadingMode.VANILLA or context is None or context.shape[0] != x.shape[0]:
+                return plain(x, context)
+            count, images = rows.cond_part(x.shape[0])
+            if count == 0:
+                return plain(x, context)
+            cond_out = session.shade(name, attn, plain, x[:count], context[:count], images, mode)
+            if count == x.shape[0]:
+                return cond_out
+            rest = plain(x[count:], context[count:])
+            return torch.cat([cond_out.to(rest.dtype), rest])
+
+        return forward

@@ -1,0 +1,153 @@
+"""One parameters object for a MIGC job, built from the panel, the API or the infotext.
+
+Processing code never looks at positional argument lists: the Script turns whatever arrived into a
+:class:`MigcParams` first, and this module is the one place that knows each format.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
+
+from .errors import MigcError
+from .layout import Layout, parse_layout
+
+DEFAULT_WEIGHTS = "MIGC_SD14.ckpt"
+INFOTEXT_KEY = "MIGC"
+
+
+@dataclass(frozen=True)
+class MigcParams:
+    """Everything a MIGC generation needs besides the WebUI's own parameters.
+
+    migc_steps / naive_steps: fractions of the sampler's steps; MIGC runs at step indices
+    ``i <= round(fraction * steps)`` (the official 25 of 50 steps is 0.5); 0 turns a phase off.
+    use_main_prompt: the cond rows' own context is MIGC's global prompt; otherwise
+    ``layout.global_prompt`` is encoded and used by the MIGC layers.
+    append_descriptions: add instance descriptions missing from the prompt to it (the official
+    convention: the global prompt names every instance).
+    hires: run MIGC in the hires-fix pass too.
+    """
+
+    enabled: bool = False
+    weights: str = DEFAULT_WEIGHTS
+    layout: Layout = field(default_factory=Layout)
+    migc_steps: float = 0.5
+    naive_steps: float = 0.0
+    use_main_prompt: bool = True
+    append_descriptions: bool = True
+    draw_boxes: bool = False
+    hires: bool = False
+
+    # ------------------------------------------------------------------ formats
+    @classmethod
+    def from_ui(cls, *args: Any) -> "MigcParams":
+        """Positional values in the order of :data:`UI_FIELDS` (the panel's components, and the API's list form).
+
+        A dict as the first value is the API's dict form. Missing trailing values keep their defaults.
+        """
+        if args and isinstance(args[0], Mapping):
+            return cls.from_api(args[0])
+        if len(args) > len(UI_FIELDS):
+            raise MigcError(f"MIGC: {len(args)} arguments given, at most {len(UI_FIELDS)} expected: {', '.join(UI_FIELDS)}.")
+        values = dict(zip(UI_FIELDS, args))
+        global_prompt = values.pop("global_prompt", None)
+        layout = parse_layout(values.pop("layout", None))
+        if isinstance(global_prompt, str) and global_prompt.strip():
+            layout = replace(layout, global_prompt=global_prompt.strip())
+        return cls._checked(layout=layout, **values)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> "MigcParams":
+        """The API's dict form: ``{"enabled": true, "weights": ..., "instances": [...], "migc_steps": 0.5, ...}``."""
+        unknown = sorted(set(data) - set(API_FIELDS))
+        if unknown:
+            raise MigcError(f"MIGC: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(API_FIELDS)}.")
+        values = dict(data)
+        values.setdefault("enabled", True)
+        layout_source: dict[str, Any] = {}
+        if "instances" in values:
+            layout_source["instances"] = values.pop("instances")
+        if "global_prompt" in values:
+            layout_source["global_prompt"] = values.pop("global_prompt")
+        return cls._checked(layout=parse_layout(layout_source), **values)
+
+    def to_api(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+        out.update(self.layout.to_dict())
+        return out
+
+    def to_infotext(self, weights_hash: str | None = None) -> str:
+        """Compact JSON of every field but ``enabled`` (its presence means enabled), plus the weights' short hash."""
+        data = self.to_api()
+        del data["enabled"]
+        if weights_hash:
+            data["weights_hash"] = weights_hash
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_infotext(cls, text: str) -> "MigcParams":
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError):
+            raise MigcError(f"MIGC: the infotext entry {INFOTEXT_KEY!r} is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise MigcError(f"MIGC: the infotext entry {INFOTEXT_KEY!r} must be a JSON object.")
+        data.pop("weights_hash", None)
+        return cls.from_api({**data, "enabled": True})
+
+    def ui_values(self) -> list[Any]:
+        """Values for the panel's components, in :data:`UI_FIELDS` order."""
+        layout = replace(self.layout, global_prompt=None)
+        return [
+            self.enabled, self.weights, layout.to_json() if len(layout) else "", self.migc_steps, self.naive_steps,
+            self.use_main_prompt, self.layout.global_prompt or "", self.append_descriptions, self.draw_boxes, self.hires,
+        ]
+
+    # ------------------------------------------------------------------ validation
+    @classmethod
+    def _checked(cls, **values: Any) -> "MigcParams":
+        for name in ("enabled", "use_main_prompt", "append_descriptions", "draw_boxes", "hires"):
+            if name in values and values[name] is not None and not isinstance(values[name], bool):
+                raise MigcError(f"MIGC: field '{name}' must be true or false, got {values[name]!r}.")
+        for name in ("migc_steps", "naive_steps"):
+            if name not in values or values[name] is None:
+                continue
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+                raise MigcError(f"MIGC: field '{name}' = {value!r} must be a fraction of the sampling steps from 0 to 1 (0 = off).")
+            values[name] = float(value)
+        weights = values.get("weights")
+        if weights is not None and (not isinstance(weights, str) or not weights.strip()):
+            raise MigcError("MIGC: field 'weights' must be the file name of MIGC weights in the MIGC models folder, e.g. \"MIGC_SD14.ckpt\".")
+        values = {k: v for k, v in values.items() if v is not None}
+        return cls(**values)
+
+
+#: Panel components / API list form, in order.
+UI_FIELDS: tuple[str, ...] = (
+    "enabled", "weights", "layout", "migc_steps", "naive_steps", "use_main_prompt", "global_prompt",
+    "append_descriptions", "draw_boxes", "hires",
+)
+#: API dict form.
+API_FIELDS: tuple[str, ...] = (
+    "enabled", "weights", "instances", "global_prompt", "migc_steps", "naive_steps", "use_main_prompt",
+    "append_descriptions", "draw_boxes", "hires",
+)
+
+
+def step_limit(fraction: float, total_steps: int) -> int:
+    """Last sampler step index (inclusive) of a phase that lasts ``fraction`` of ``total_steps``; -1 = off."""
+    return -1 if fraction <= 0 else int(round(fraction * total_steps))
+
+
+def with_descriptions_appended(prompt: str, descriptions: Sequence[str]) -> str:
+    """The official convention: the global prompt names every instance. Adds only what is missing, so a
+    prompt restored from infotext (which already has them) is left as it is."""
+    missing = [d for d in descriptions if d.lower() not in prompt.lower()]
+    if not missing:
+        return prompt
+    base = prompt.rstrip()
+    joiner = "" if not base else (" " if base.endswith(",") else ", ")
+    return base + joiner + ", ".join(missing)

@@ -1,0 +1,110 @@
+"""Per-generation MIGC state, shared by the host adapters.
+
+Created when a MIGC job starts and dropped when it ends: the parameters, the encoded instances, the
+weights, the masks of the current pass (cached per feature resolution), one SAC generator per image
+seeded from that image's seed, the current sampler step and one :class:`LayerShader` per hooked layer.
+Layer hooks read from it and keep no global state of their own.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import MigcWeights
+from .masks import FeatureMasks, MaskCache
+from .params import MigcParams, step_limit
+from .shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations
+
+PlainForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A private generator on ``device`` (no host sync to use it), CPU where the device has none."""
+    try:
+        return torch.Generator(device=device).manual_seed(int(seed))
+    except RuntimeError:
+        return torch.Generator().manual_seed(int(seed))
+
+
+class MigcSession:
+    """State of one MIGC generation; hosts call :meth:`begin_pass`, :meth:`set_step` and :meth:`shade`."""
+
+    def __init__(
+        self,
+        params: MigcParams,
+        conditioning: InstanceConditioning,
+        weights: MigcWeights | None,
+        global_context: torch.Tensor | None = None,
+    ) -> None:
+        self.params = params
+        self.conditioning = conditioning
+        self.weights = weights
+        self.global_context = global_context  # (1, L, D) when the layout's own global prompt replaces the main one
+        self.pending_error: Exception | None = None
+        self.step = 0
+        self.total_steps = 1
+        self._masks: MaskCache | None = None
+        self._generators: list[torch.Generator] = []
+        self._shaders: dict[str, LayerShader] = {}
+
+    # ------------------------------------------------------------------ pass / step
+    def begin_pass(self, width: int, height: int, seeds: Sequence[int], device: torch.device) -> None:
+        """A sampling pass at ``width`` x ``height`` for images with ``seeds``: fresh masks and generators."""
+        boxes = [inst.box for inst in self.params.layout.instances]
+        self._masks = MaskCache.from_boxes(boxes, height, width)
+        self._generators = [make_generator(seed, device) for seed in seeds]
+        self.step, self.total_steps = 0, 1
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        self.step, self.total_steps = int(step), max(int(total_steps), 1)
+
+    def mode_for(self, layer: str) -> ShadingMode:
+        """MIGC on layers with weights up to the MIGC step limit, then the naive fuser up to its limit."""
+        if self.conditioning.count == 0:
+            return ShadingMode.VANILLA
+        has_block = self.weights is not None and layer in self.weights.blocks
+        if has_block and self.step <= step_limit(self.params.migc_steps, self.total_steps):
+            return ShadingMode.MIGC
+        if self.step <= step_limit(self.params.naive_steps, self.total_steps):
+            return ShadingMode.NAIVE
+        return ShadingMode.VANILLA
+
+    def hooked_layers(self, available: Sequence[str]) -> list[str]:
+        """Layers that can leave vanilla at some step: the MIGC layers, and every attn2 with the naive fuser."""
+        if self.conditioning.count == 0:
+            return []
+        if self.params.naive_steps > 0:
+            return list(available)
+        return [name for name in available if self.weights is not None and name in self.weights.blocks]
+
+    # ------------------------------------------------------------------ the per-call work
+    def masks_for(self, tokens: int, x: torch.Tensor) -> FeatureMasks:
+        if self._masks is None:
+            raise RuntimeError("MIGC session used before begin_pass")
+        return self._masks.for_tokens(tokens, x.device, x.dtype)
+
+    def shade(
+        self,
+        layer: str,
+        attn: nn.Module,
+        plain: PlainForward,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        images: Sequence[int],
+        mode: ShadingMode,
+    ) -> torch.Tensor:
+        """Cond rows ``x`` of images ``images`` (one index per row) through this layer's shading."""
+        shader = self._shaders.get(layer)
+        if shader is None or shader.attn is not attn:
+            block = self.weights.blocks.get(layer) if self.weights is not None else None
+            shader = self._shaders[layer] = LayerShader(attn, plain, self.conditioning, block)
+        shader.plain_forward = plain
+        if self.global_context is not None:
+            context = self.global_context.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
+        perms = None
+        if mode is ShadingMode.MIGC:
+            gens = [self._generators[min(i, len(self._generators) - 1)] for i in images]
+            perms = draw_sac_permutations(gens, x.device)
+        return shader(x, context, self.masks_for(x.shape[1], x), mode, perms=perms)

@@ -1,0 +1,103 @@
+"""The MIGC panel (gradio 3.41 in A1111, gradio 4 in Forge).
+
+Components are returned in :data:`lib_migc.params.UI_FIELDS` order, which is also the API's list form.
+The layout lives in one textbox holding the layout JSON (``#<tab>_migc_layout``): the box editor in
+``javascript/`` edits that same textbox, so Python only ever reads one format.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .params import INFOTEXT_KEY, MigcParams, UI_FIELDS
+from . import settings, weights_store
+
+LAYOUT_EXAMPLE = (
+    '{"instances": [{"description": "a red teddy bear", "box": [0.05, 0.3, 0.45, 0.95]},\n'
+    '               {"description": "a gray cat", "box": [0.55, 0.35, 0.95, 0.95], "ca": 1, "ea": 1, "sac": 1}]}'
+)
+HELP = (
+    "Boxes are [x0, y0, x1, y1] as fractions of the image (origin top-left). Optional per-instance scales: "
+    "ca (cross-attention), ea (enhancement attention), sac (aggregation weight); 1 = trained behaviour. "
+    "MIGC needs an SD1.x checkpoint and the MIGC weights in {folder}."
+)
+
+
+def _accordion(gr: Any, tab: str) -> tuple[Any, Any]:
+    """(enabled component, context manager): A1111's InputAccordion where the host has it."""
+    try:
+        from modules.ui_components import InputAccordion
+
+        acc = InputAccordion(False, label="MIGC", elem_id=f"{tab}_migc_enabled")
+        return acc, acc
+    except ImportError:
+        block = gr.Accordion("MIGC", open=False, elem_id=f"{tab}_migc_accordion")
+        with block:
+            enabled = gr.Checkbox(False, label="Enable MIGC", elem_id=f"{tab}_migc_enabled")
+        return enabled, block
+
+
+def build_panel(is_img2img: bool) -> list[Any]:
+    """Create the panel inside the current gradio context; return its input components."""
+    import gradio as gr
+
+    tab = "img2img" if is_img2img else "txt2img"
+    folder = settings.models_dir()
+    enabled, container = _accordion(gr, tab)
+    with container:
+        choices = weights_store.list_weight_files(folder)
+        default = settings.option("migc_default_weights")
+        with gr.Row():
+            weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
+                                  elem_id=f"{tab}_migc_weights", allow_custom_value=True)
+            refresh = _tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
+        layout = gr.Textbox(label="Instances (layout JSON)", lines=5, placeholder=LAYOUT_EXAMPLE, elem_id=f"{tab}_migc_layout")
+        gr.Markdown(HELP.format(folder=folder))
+        with gr.Row():
+            migc_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_steps")), step=0.01,
+                                   label="MIGC steps (fraction of sampling steps)", elem_id=f"{tab}_migc_steps")
+            naive_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_naive_steps")), step=0.01,
+                                    label="NaiveFuser steps (fraction; 0 = off)", elem_id=f"{tab}_migc_naive_steps")
+        with gr.Row():
+            use_main_prompt = gr.Checkbox(True, label="Use main prompt as global prompt", elem_id=f"{tab}_migc_use_main_prompt")
+            global_prompt = gr.Textbox(label="Global prompt (when not using the main prompt)", lines=1, elem_id=f"{tab}_migc_global_prompt")
+        with gr.Row():
+            append = gr.Checkbox(True, label="Add instance descriptions to the prompt", elem_id=f"{tab}_migc_append")
+            draw_boxes = gr.Checkbox(False, label="Draw boxes on an extra output image", elem_id=f"{tab}_migc_draw_boxes")
+            hires = gr.Checkbox(bool(settings.option("migc_default_hires")), label="Also in the hires-fix pass", elem_id=f"{tab}_migc_hires")
+
+        def refresh_choices() -> Any:
+            found = weights_store.list_weight_files(settings.models_dir())
+            return gr.update(choices=found or [settings.option("migc_default_weights")])
+
+        refresh.click(fn=refresh_choices, inputs=[], outputs=[weights])
+    components = [enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append, draw_boxes, hires]
+    assert len(components) == len(UI_FIELDS)
+    return components
+
+
+def _tool_button(gr: Any, label: str, elem_id: str) -> Any:
+    """The WebUI's small square ToolButton where available (A1111, Forge), a plain button otherwise."""
+    try:
+        from modules.ui_components import ToolButton
+
+        return ToolButton(value=label, elem_id=elem_id)
+    except ImportError:
+        return gr.Button(value=label, elem_id=elem_id)
+
+
+def infotext_fields(components: list[Any]) -> list[tuple[Any, Callable[[dict], Any]]]:
+    """Restore every component from a pasted infotext; a paste without MIGC turns MIGC off."""
+
+    def getter(index: int) -> Callable[[dict], Any]:
+        def get(params: dict) -> Any:
+            text = params.get(INFOTEXT_KEY)
+            if text is None:
+                return False if index == 0 else None
+            try:
+                return MigcParams.from_infotext(text).ui_values()[index]
+            except Exception:
+                return None
+
+        return get
+
+    return [(component, getter(i)) for i, component in enumerate(components)]

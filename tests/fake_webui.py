@@ -1,0 +1,140 @@
+"""Stand-ins for the WebUI's ``modules.*`` objects, mirroring the real AUTOMATIC1111 v1.10 signatures.
+
+Only the WebUI boundary is faked: the UNet is the real ldm UNet and the text encoder is a real (tiny,
+random) transformers CLIPTextModel wrapped like A1111's FrozenCLIPEmbedderWithCustomWords (chunks of
+75 tokens between BOS and EOS, EOS padding, one transformer call per chunk for the whole batch).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import zlib
+from types import SimpleNamespace
+
+import torch
+
+VOCAB, BOS, EOS = 1000, 998, 999  # EOS is the largest id, as in CLIP (pooler = argmax of the ids)
+CHUNK = 75
+
+
+class OptionInfo:  # modules.options.OptionInfo
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
+                 refresh=None, comment_before='', comment_after='', infotext=None, restrict_api=False, category_id=None):
+        self.default, self.label, self.component, self.component_args, self.section = default, label, component, component_args, section
+
+
+class CFGDenoiserParams:  # modules.script_callbacks.CFGDenoiserParams
+    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None):
+        self.x, self.image_cond, self.sigma = x, image_cond, sigma
+        self.sampling_step, self.total_sampling_steps = sampling_step, total_sampling_steps
+        self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
+
+
+class Options(SimpleNamespace):
+    def add_option(self, key, info):
+        setattr(self, key, info.default)
+        self.added[key] = info
+
+
+def install_fake_modules(models_dir: str) -> types.ModuleType:
+    """Put ``modules``, ``modules.shared``, ``modules.devices``, ``modules.paths``, ``modules.script_callbacks``
+    and ``modules.scripts`` into ``sys.modules``; return the package."""
+    pkg = types.ModuleType("modules")
+    pkg.__path__ = []
+    shared = types.ModuleType("modules.shared")
+    shared.opts = Options(added={}, batch_cond_uncond=True, migc_models_dir="")
+    shared.cmd_opts = SimpleNamespace(migc_models_dir=models_dir)
+    shared.loaded_hypernetworks = []
+    shared.OptionInfo = OptionInfo
+    devices = types.ModuleType("modules.devices")
+    devices.device = torch.device("cpu")
+    devices.autocast = lambda disable=False: contextlib.nullcontext()
+    paths = types.ModuleType("modules.paths")
+    paths.models_path = models_dir
+    callbacks = types.ModuleType("modules.script_callbacks")
+    callbacks.CFGDenoiserParams = CFGDenoiserParams
+    callbacks.registered = {"cfg_denoiser": [], "ui_settings": []}
+    callbacks.on_cfg_denoiser = lambda fn, *, name=None: callbacks.registered["cfg_denoiser"].append(fn)
+    callbacks.on_ui_settings = lambda fn, *, name=None: callbacks.registered["ui_settings"].append(fn)
+    scripts = types.ModuleType("modules.scripts")
+    scripts.AlwaysVisible = object()
+    scripts.Script = type("Script", (), {})
+    for name, module in (("shared", shared), ("devices", devices), ("paths", paths), ("script_callbacks", callbacks), ("scripts", scripts)):
+        setattr(pkg, name, module)
+        sys.modules[f"modules.{name}"] = module
+    sys.modules["modules"] = pkg
+    return pkg
+
+
+def remove_fake_modules() -> None:
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+        del sys.modules[name]
+
+
+def _token(word: str) -> int:
+    return zlib.crc32(word.encode()) % (VOCAB - 3)
+
+
+class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
+    """Mirrors modules.sd_hijack_clip's SD1 embedder: ``forward(texts) -> (B, 77*k, 768)``."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.wrapped = SimpleNamespace(transformer=transformer)
+        self.id_start, self.id_end, self.id_pad = BOS, EOS, EOS
+
+    def tokenize_chunks(self, text: str) -> list[list[int]]:
+        ids = [_token(w) for w in text.replace(",", " , ").split()]
+        chunks = [ids[i:i + CHUNK] for i in range(0, max(len(ids), 1), CHUNK)] or [[]]
+        return [[self.id_start] + c + [self.id_end] * (CHUNK + 1 - len(c)) for c in chunks]
+
+    def forward(self, texts):
+        batch = [self.tokenize_chunks(t) for t in texts]
+        count = max(len(c) for c in batch)
+        empty = [self.id_start] + [self.id_end] * (CHUNK + 1)
+        zs = []
+        for i in range(count):
+            tokens = torch.tensor([c[i] if i < len(c) else empty for c in batch])
+            zs.append(self.wrapped.transformer(input_ids=tokens).last_hidden_state)
+        return torch.cat(zs, dim=1)
+
+
+def tiny_text_model(seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(hidden_size=768, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=VOCAB, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+class FakeSDModel(torch.nn.Module):
+    """The parts of A1111's loaded LatentDiffusion that MIGC touches."""
+
+    def __init__(self, unet, text_model, family="sd1"):
+        super().__init__()
+        self.model = SimpleNamespace(diffusion_model=unet)
+        self.cond_stage_model = FrozenCLIPEmbedderWithCustomWords(text_model)
+        self.cond_stage_key = "txt"
+        self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd1", family == "sd2", family == "sdxl"
+
+    def get_learned_conditioning(self, texts):
+        return self.cond_stage_model(texts)
+
+
+class FakeProcessing:
+    """The attributes of StableDiffusionProcessing(Txt2Img) that MIGC reads and writes."""
+
+    def __init__(self, sd_model, width=256, height=256, seeds=(1,), prompts=("a room",)):
+        self.sd_model, self.width, self.height = sd_model, width, height
+        self.seeds = list(seeds)
+        self.all_prompts = list(prompts)
+        self.all_hr_prompts = list(prompts)
+        self.extra_generation_params = {}
+        self.comments = {}
+        self.is_hr_pass = False
+        self.hr_upscale_to_x, self.hr_upscale_to_y = width * 2, height * 2
+
+    def comment(self, text):
+        self.comments[text] = 1
