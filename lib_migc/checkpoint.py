@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,6 +49,14 @@ class MigcWeights:
 
 
 # ------------------------------------------------------------------------------------ reading files
+def _torch_load():
+    """torch's own loader. A1111 replaces ``torch.load`` with a checker (modules.safe) that rejects files
+    written by current torch (their ``.format_version`` entry) and returns None; ``weights_only=True``
+    already refuses everything but tensors, so the original function is the one to call."""
+    safe = sys.modules.get("modules.safe")
+    return getattr(safe, "unsafe_torch_load", None) or torch.load
+
+
 def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` or torch pickle file, unwrapping a ``state_dict`` entry.
 
@@ -66,7 +75,7 @@ def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, torch.Te
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"MIGC weights '{name}' could not be read as safetensors (truncated or corrupt?): {exc}") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        data = _torch_load()(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"MIGC weights '{name}' contain Python objects other than tensors, which are not loaded for safety "

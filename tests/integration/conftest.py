@@ -1,0 +1,58 @@
+"""Integration tests drive a running WebUI (A1111 or Forge) with this extension installed.
+
+Set MIGC_WEBUI_URL (e.g. http://127.0.0.1:7860) and put MIGC weights named MIGC_SD14.ckpt in its
+models/MIGC folder (random weights in the official layout are fine). Without the variable every
+test here is skipped.
+"""
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+URL = os.environ.get("MIGC_WEBUI_URL", "").rstrip("/")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+            if not URL:
+                item.add_marker(pytest.mark.skip(reason="set MIGC_WEBUI_URL to run against a WebUI"))
+
+
+class WebUI:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def request(self, path: str, data=None, timeout: float = 900):
+        body = None if data is None else json.dumps(data).encode()
+        req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            text = exc.read()
+            try:
+                return exc.code, json.loads(text)
+            except ValueError:
+                return exc.code, {"raw": text.decode(errors="replace")}
+
+    def txt2img(self, payload):
+        return self.request("/sdapi/v1/txt2img", payload)
+
+
+def pixels(b64: str):
+    """Decoded pixels (infotext chunks make PNG bytes differ even for equal images)."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype("int16")
+
+
+@pytest.fixture(scope="session")
+def webui():
+    return WebUI(URL)
