@@ -178,7 +178,7 @@ class LayerShader:
             "conv1_bias_o": (w1c @ out_bias.float()).to(dt),  # conv1_C . b_o
             "conv1_mask": w1m.to(dt),
             "conv1_bias": sac.conv1.bias.to(dt),
-            "conv1_c_t": w1c.T.to(dt),
+            "conv1_c": w1c.to(dt),
             "conv2": sac.conv2.weight.reshape(channels).to(dt),
             "conv2_bias": sac.conv2.bias.to(dt),
         }
@@ -316,7 +316,7 @@ class LayerShader:
         y_bg = m_bg[:, None] * (ga[:, 0] + mask_term)
         ea_c1 = torch.einsum("bnph,nhc->bnpc", alpha, prep["ea_dir_c1"]) + prep["ea_base_c1"][:, None]
         y_inst = m_inst[..., None] * (ca * ga[:, 1:] + ea * ea_c1 + mask_term)
-        y_tmp = template @ prep["conv1_c_t"] + mask_term
+        y_tmp = F.linear(template, prep["conv1_c"], mask_term)
         phases = torch.cat([y_bg[:, None], y_inst, y_tmp[:, None]], dim=1) + prep["conv1_bias"]  # (B, P, HW, C)
 
         # --- CBAM1 per phase, then conv2 -> one score map per phase.

@@ -1,0 +1,199 @@
+"""End to end: one CFG UNet forward of a full-size SD1 UNet with MIGC off, MIGC on, NaiveFuser on.
+
+    python bench/bench_unet.py [--sizes 512x512,768x512,1024x1024] [--instances 1,2,4,6,8,16]
+                               [--repeats 3] [--device cpu|cuda] [--threads N]
+
+Builds the real CompVis ldm ``UNetModel`` with the SD1.x configuration and random weights, hooks it the
+way the A1111 adapter does (``A1111Hooks`` + ``MigcSession``, cond row first, uncond row last) and
+times one forward of a [cond, uncond] batch. Per case it prints the median time, the ratio to MIGC-off
+measured in the same run, the extra peak memory over MIGC-off (CUDA: allocator peak; CPU: peak of live
+tensor storages during the forward) and the marginal cost per instance. CPU fp32 by default; CUDA fp16
+when a GPU is present. Asserts nothing: the figures go into the README's Performance section.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lib_migc.checkpoint import MigcWeights  # noqa: E402
+from lib_migc.hosts.a1111 import A1111Hooks  # noqa: E402
+from lib_migc.layout import parse_layout  # noqa: E402
+from lib_migc.modules import MIGCBlock  # noqa: E402
+from lib_migc.params import MigcParams  # noqa: E402
+from lib_migc.session import MigcSession  # noqa: E402
+from lib_migc.shading import InstanceConditioning  # noqa: E402
+from lib_migc.unet_layers import MIGC_LAYERS  # noqa: E402
+
+GRID = [(x * 0.23, y * 0.23, x * 0.23 + 0.3, y * 0.23 + 0.3) for y in range(4) for x in range(4)]
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """Peak bytes of CPU tensor storages alive at once among those created inside the mode.
+
+    A storage counts from the op that allocates it until the last tensor (base or view) made inside
+    the mode that refers to it is garbage; torch has no resettable CPU allocator peak to read instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = self.peak = 0
+        self._refs: dict[int, list[int]] = {}  # data_ptr -> [tensor count, nbytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if not key:
+                    continue
+                entry = self._refs.get(key)
+                if entry is None:
+                    entry = self._refs[key] = [0, storage.nbytes()]
+                    self.current += entry[1]
+                    self.peak = max(self.peak, self.current)
+                entry[0] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._refs[key]
+
+
+def build_sd1_unet(device, dtype):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(image_size=64, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                     num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+                     transformer_depth=1, context_dim=768, use_checkpoint=False, legacy=False)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.03)
+    return unet.to(device, dtype).eval().requires_grad_(False)
+
+
+def session_for(n: int, naive_only: bool, blocks, width: int, height: int, device, dtype) -> MigcSession:
+    layout = parse_layout([{"description": f"thing {i}", "box": list(GRID[i % len(GRID)])} for i in range(n)])
+    params = MigcParams(enabled=True, layout=layout, migc_steps=0.0 if naive_only else 1.0, naive_steps=1.0 if naive_only else 0.0)
+    g = torch.Generator().manual_seed(n)
+    cond = InstanceConditioning.build(torch.randn((n, 77, 768), generator=g).to(device, dtype),
+                                      torch.randn((n, 768), generator=g).to(device, dtype), layout.boxes)
+    session = MigcSession(params, cond, None if naive_only else MigcWeights("migc", blocks))
+    session.begin_pass(width, height, [1], device)
+    return session
+
+
+def cache_mib(session: MigcSession | None) -> float:
+    """Tensors a session keeps for the whole generation (instance K/V, folded weights, masks)."""
+    if session is None:
+        return 0.0
+    tensors = [t for shader in session._shaders.values() for t in shader._cache.values.values()]
+    masks = session._masks._cache.values() if session._masks is not None else []
+    tensors += [t for m in masks for t in (m.instances, m.background, m.layout_allowed)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="512x512,768x512,1024x1024", help="WIDTHxHEIGHT list")
+    parser.add_argument("--instances", default="1,2,4,6,8,16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    unet = build_sd1_unet(device, dtype)
+    torch.manual_seed(1)
+    blocks = {name: MIGCBlock(1280).to(device, dtype).eval() for name in MIGC_LAYERS}
+    weights_mb = sum(p.numel() for b in blocks.values() for p in b.parameters()) * 2 / 2**20
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {name}, {dtype}, torch {torch.__version__}; MIGC weights {weights_mb:.0f} MiB in fp16")
+    print("| size | case | median ms | ratio to MIGC off | extra peak MiB per step | per-generation cache MiB | per-instance cost |")
+    print("|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        width, height = map(int, size.split("x"))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((2, 4, height // 8, width // 8), generator=g).to(device, dtype)
+        ctx = torch.randn((2, 77, 768), generator=g).to(device, dtype)
+        t = torch.full((2,), 500.0, device=device)
+
+        def forward():
+            with torch.no_grad():
+                return unet(x, t, context=ctx)
+
+        def run_case(session: MigcSession | None, timed: bool):
+            """One CFG step with ``session``'s hooks installed (none: MIGC off); (ms, peak MiB)."""
+            hooks = None
+            if session is not None:
+                hooks = A1111Hooks(session)
+                hooks.install(unet)
+                hooks.on_cfg_step(0, 1, ctx[:1], 2, 1)  # cond row first, uncond row last
+            try:
+                if not timed:
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        forward()
+                        return 0.0, (torch.cuda.max_memory_allocated() - base) / 2**20
+                    with LiveTensorPeak() as tracker:
+                        forward()
+                    return 0.0, tracker.peak / 2**20
+                sync()
+                t0 = time.perf_counter()
+                forward()
+                sync()
+                return (time.perf_counter() - t0) * 1e3, 0.0
+            finally:
+                if hooks is not None:
+                    hooks.remove()
+
+        counts = [int(n) for n in args.instances.split(",")]
+        cases = [("MIGC off", None)] + [(f"MIGC, {n} instances", session_for(n, False, blocks, width, height, device, dtype)) for n in counts]
+        cases.append(("NaiveFuser on every attn2, 6 instances", session_for(6, True, blocks, width, height, device, dtype)))
+        for _, session in cases:
+            run_case(session, timed=False)  # per-generation work: instance K/V, folded weights, masks
+        peaks = {label: run_case(session, timed=False)[1] for label, session in cases}  # steady-state step
+        caches = {label: cache_mib(session) for label, session in cases}
+        times: dict[str, list[float]] = {label: [] for label, _ in cases}
+        for _ in range(args.repeats):  # interleaved rounds, so drift in machine speed hits every case alike
+            for label, session in cases:
+                times[label].append(run_case(session, timed=True)[0])
+        median = {label: statistics.median(values) for label, values in times.items()}
+        off = median["MIGC off"]
+        previous = None
+        for label, _ in cases:
+            ms = median[label]
+            marginal = ""
+            if label.startswith("MIGC, "):
+                n = int(label.split()[1])
+                if previous is not None:
+                    marginal = f"{(ms - previous[1]) / (n - previous[0]) / off * 100:+.1f}% of a plain step"
+                previous = (n, ms)
+            print(f"| {size} | {label} | {ms:.0f} | {ms / off:.3f}x | {peaks[label] - peaks['MIGC off']:.0f} | {caches[label]:.0f} | {marginal} |")
+
+
+if __name__ == "__main__":
+    main()
