@@ -4,7 +4,7 @@
                                [--repeats 3] [--device cpu|cuda] [--threads N]
 
 Builds the real CompVis ldm ``UNetModel`` with the SD1.x configuration and random weights, hooks it the
-way the A1111 adapter does (``A1111Hooks`` + ``MigcSession``, cond row first, uncond row last) and
+way the A1111 adapter does (``hosts.a1111.Hooks`` + ``MigcSession``, cond row first, uncond row last) and
 times one forward of a [cond, uncond] batch. Per case it prints the median time, the ratio to MIGC-off
 measured in the same run, the extra peak memory over MIGC-off (CUDA: allocator peak; CPU: peak of live
 tensor storages during the forward) and the marginal cost per instance. CPU fp32 by default; CUDA fp16
@@ -18,6 +18,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lib_migc.checkpoint import MigcWeights  # noqa: E402
-from lib_migc.hosts.a1111 import A1111Hooks  # noqa: E402
+from lib_migc.hosts.a1111 import Hooks  # noqa: E402
 from lib_migc.layout import parse_layout  # noqa: E402
 from lib_migc.modules import MIGCBlock  # noqa: E402
 from lib_migc.params import MigcParams  # noqa: E402
@@ -148,9 +149,9 @@ def main() -> None:
             """One CFG step with ``session``'s hooks installed (none: MIGC off); (ms, peak MiB)."""
             hooks = None
             if session is not None:
-                hooks = A1111Hooks(session)
-                hooks.install(unet)
-                hooks.on_cfg_step(0, 1, ctx[:1], 2, 1)  # cond row first, uncond row last
+                hooks = Hooks(session)
+                hooks.install(SimpleNamespace(sd_model=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))))
+                hooks.on_cfg_step(0, 1, SimpleNamespace(text_cond=ctx[:1], text_uncond=ctx[1:], x=x))  # cond row first
             try:
                 if not timed:
                     if cuda:

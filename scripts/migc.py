@@ -10,8 +10,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modules.scripts as scripts  # noqa: E402
 from modules import script_callbacks  # noqa: E402
 
-from lib_migc import settings, ui  # noqa: E402
-from lib_migc.hosts import a1111_job as job  # noqa: E402
+from lib_migc import hosts, job, settings, ui  # noqa: E402
+
+HOST = hosts.current()
 
 
 class MigcScript(scripts.Script):
@@ -31,7 +32,7 @@ class MigcScript(scripts.Script):
         job.before_process(p)
 
     def process(self, p, *args):
-        job.process(p, args)
+        job.process(p, args, HOST)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         job.before_sampling(p)

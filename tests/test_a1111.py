@@ -29,11 +29,14 @@ def webui(tmp_path):
     state = random_official_state(seed=5, channels=128)
     save_file(state, str(tmp_path / "tiny.safetensors"))
     fake_webui.install_fake_modules(str(tmp_path))
-    from lib_migc.hosts import a1111_job
+    from lib_migc import job
+    from lib_migc.hosts import a1111
 
-    a1111_job._finish()
-    yield a1111_job
-    a1111_job._finish()
+    job._finish()
+    yield SimpleNamespace(before_process=job.before_process, process=lambda p, args: job.process(p, args, a1111),
+                          before_sampling=job.before_sampling, after_batch=job.after_batch, postprocess=job.postprocess,
+                          on_cfg_denoiser=job.on_cfg_denoiser)
+    job._finish()
     fake_webui.remove_fake_modules()
 
 
@@ -287,7 +290,7 @@ def test_hires_pass_is_plain_unless_asked_and_then_uses_its_own_size(webui, unet
 
 
 def test_instance_encoding_uses_the_webui_path_and_the_first_eos_pooled_state(webui, unet, text_model):
-    from lib_migc.hosts.a1111 import encode_phrases
+    from lib_migc.text_encoding import encode_phrases
 
     model = fake_webui.FakeSDModel(unet, text_model)
     phrases = ["a red ball", "a very small blue cube on a table"]

@@ -19,54 +19,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from ..errors import MigcError
 from ..patching import ForwardPatches
 from ..session import MigcSession
 from ..shading import ShadingMode
 from ..unet_layers import attn2_layers, layer_sort_key
 
 log = logging.getLogger("migc")
-
-
-# ---------------------------------------------------------------------------------------- encoding
-@torch.no_grad()
-def encode_phrases(sd_model: Any, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contexts (N, 77*k, 768) and pooled embeddings (N, 768) of ``phrases`` through the WebUI's own path.
-
-    ``get_learned_conditioning`` honours emphasis, textual inversion, CLIP skip and long prompts as
-    for the main prompt. The pooled vector (CLIP's final-normed state at the first EOS) is not returned
-    by the WebUI's SD1 embedder, so the CLIP text model's last hidden state is captured during that same
-    call (so embeddings are in it too) and read at each phrase's first EOS of its first chunk.
-    """
-    embedder = sd_model.cond_stage_model
-    transformer = embedder.wrapped.transformer
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    previous = transformer.forward
-
-    def capture(*args: Any, **kwargs: Any) -> Any:
-        out = previous(*args, **kwargs)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        captured.append((ids, out.last_hidden_state))
-        return out
-
-    with ForwardPatches() as patches:
-        patches.install(transformer, capture)
-        contexts = sd_model.get_learned_conditioning(list(phrases))
-    if not captured:
-        raise MigcError("MIGC: could not read the text encoder's pooled output for the instance descriptions.")
-    ids, hidden = captured[0]
-    eos = int(getattr(embedder, "id_end", None) or transformer.config.eos_token_id)
-    ids = ids.to(hidden.device)
-    positions = torch.arange(ids.shape[1], device=ids.device)
-    is_eos = (ids == eos) & (positions > 0)
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), first_eos]
-    return contexts, pooled
 
 
 # ---------------------------------------------------------------------------------------- rows
@@ -100,7 +63,23 @@ class RowCursor:
 
 
 # ---------------------------------------------------------------------------------------- hooks
-class A1111Hooks:
+def unet_of(p: Any) -> nn.Module:
+    """The ldm UNetModel of A1111's loaded SD model."""
+    return p.sd_model.model.diffusion_model
+
+
+def decline_reason(p: Any) -> str | None:
+    """What A1111 adds to the host-neutral checks: hypernetworks and edit models change attn2."""
+    if getattr(p.sd_model, "cond_stage_key", None) == "edit":
+        return "MIGC was skipped: instruct-pix2pix (edit) checkpoints are not supported."
+    from modules import shared
+
+    if getattr(shared, "loaded_hypernetworks", None):
+        return "MIGC was skipped: a hypernetwork is active, and hypernetworks change cross-attention in a way MIGC does not support."
+    return None
+
+
+class Hooks:
     """The attn2 overrides of one sampling pass; :meth:`remove` restores the UNet exactly."""
 
     def __init__(
@@ -121,10 +100,10 @@ class A1111Hooks:
     def installed(self) -> bool:
         return self.patches.active
 
-    def install(self, unet: nn.Module) -> list[str]:
-        """Hook the layers this session can change; returns their names."""
+    def install(self, p: Any) -> list[str]:
+        """Hook the layers of ``p``'s UNet that this session can change; returns their names."""
         self.remove()
-        layers = attn2_layers(unet)
+        layers = attn2_layers(unet_of(p))
         names = sorted(self.session.hooked_layers(list(layers)), key=layer_sort_key)
         if not names and self.session.pending_error is not None:
             names = sorted(layers, key=layer_sort_key)[:1]  # one hook is enough to raise the error
@@ -135,13 +114,15 @@ class A1111Hooks:
     def remove(self) -> None:
         self.patches.remove()
 
-    def on_cfg_step(self, sampling_step: int, total_steps: int, text_cond: Any, x_rows: int, images: int) -> None:
-        self.session.set_step(sampling_step, total_steps)
-        cond_rows = text_cond.shape[0] if isinstance(text_cond, torch.Tensor) else None
-        if cond_rows is None:
+    def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
+        """From the CFG-denoiser callback: this step's index and row layout (``CFGDenoiserParams``)."""
+        self.session.set_step(step, total_steps)
+        text_cond, uncond = params.text_cond, params.text_uncond
+        if not isinstance(text_cond, torch.Tensor):
             self.rows.cond_rows = None
-        else:
-            self.rows.new_step(cond_rows, x_rows, images)
+            return
+        images = uncond.shape[0] if isinstance(uncond, torch.Tensor) else text_cond.shape[0]
+        self.rows.new_step(text_cond.shape[0], params.x.shape[0], images)
 
     def _forward_for(self, name: str, attn: nn.Module, first: bool) -> Callable:
         previous = attn.__dict__.get("forward")  # another extension's override, if any

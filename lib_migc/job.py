@@ -1,46 +1,48 @@
-"""One MIGC job in AUTOMATIC1111: what the Script's callbacks ask for, in WebUI terms.
+"""One MIGC job in the WebUI: what the Script's callbacks ask for, for either host.
 
 The Script stays free of logic: it forwards ``before_process`` / ``process`` /
 ``process_before_every_sampling`` / ``postprocess_batch`` / ``postprocess`` and the CFG-denoiser
-callback here. Exceptions raised in Script callbacks are swallowed by the WebUI, so errors found
-before sampling are kept on the session and raised by the first hooked attention call, which stops
-the job with the message in the UI and a 4xx answer over the API; the hooks are removed first.
-A job's hooks are removed after each batch, after the job, and at the start of the next job in
-case a failed job never reached its own cleanup.
+callback here; the host module (``hosts.a1111`` or ``hosts.forge``) only installs its hooks.
+Exceptions raised in Script callbacks are swallowed by the WebUI, so errors found before sampling are
+kept on the session and raised by the first hooked attention call, which stops the job with the message
+in the UI and a 4xx answer over the API; the hooks are removed first. A job's hooks are removed after
+each batch, after the job, and at the start of the next job in case a failed job never reached its
+own cleanup; hooks left from a job that is no longer current step aside by themselves.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from .. import settings, weights_store
-from ..draw import draw_layout
-from ..errors import MigcError
-from ..params import INFOTEXT_KEY, MigcParams, with_descriptions_appended
-from ..session import MigcSession
-from ..shading import InstanceConditioning
-from .a1111 import A1111Hooks, encode_phrases
+from . import settings, weights_store
+from .draw import draw_layout
+from .errors import MigcError
+from .params import INFOTEXT_KEY, MigcParams, with_descriptions_appended
+from .session import MigcSession
+from .shading import InstanceConditioning
+from .text_encoding import encode_phrases
 
 log = logging.getLogger("migc")
 
 
 @dataclass
-class A1111Job:
+class Job:
     p: Any
     params: MigcParams
+    host: ModuleType
     error: Exception | None = None
     session: MigcSession | None = None
-    hooks: A1111Hooks | None = None
-    passes: int = field(default=0)
+    hooks: Any = None
 
 
-_active: A1111Job | None = None
+_active: Job | None = None
 
 
-def active_job() -> A1111Job | None:
+def active_job() -> Job | None:
     return _active
 
 
@@ -56,20 +58,14 @@ def before_process(p: Any) -> None:
     _finish()
 
 
-def decline_reason(p: Any) -> str | None:
+def decline_reason(p: Any, host: ModuleType) -> str | None:
     """Why MIGC cannot run on this job's model, as a message for the user; None when it can."""
     model = p.sd_model
     if not getattr(model, "is_sd1", False):
         family = "an SDXL" if getattr(model, "is_sdxl", False) else "an SD2.x" if getattr(model, "is_sd2", False) else "a non-SD1.x"
         return (f"MIGC was skipped: it needs an SD1.x checkpoint (its weights were trained on SD1.4) and {family} "
                 "model is loaded, so this image was generated without MIGC.")
-    if getattr(model, "cond_stage_key", None) == "edit":
-        return "MIGC was skipped: instruct-pix2pix (edit) checkpoints are not supported."
-    from modules import shared
-
-    if getattr(shared, "loaded_hypernetworks", None):
-        return "MIGC was skipped: a hypernetwork is active, and hypernetworks change cross-attention in a way MIGC does not support."
-    return None
+    return host.decline_reason(p)
 
 
 def _asks_for_migc(args: tuple) -> bool:
@@ -80,13 +76,13 @@ def _asks_for_migc(args: tuple) -> bool:
     return first is True or (isinstance(first, dict) and first.get("enabled", True) is not False)
 
 
-def process(p: Any, args: tuple) -> None:
+def process(p: Any, args: tuple, host: ModuleType) -> None:
     """Parse the arguments, decline or start the job, write the infotext and adjust the prompts."""
     global _active
     _finish()
     if not _asks_for_migc(args):
         return
-    reason = decline_reason(p)
+    reason = decline_reason(p, host)
     if reason is not None:
         p.comment(reason)
         log.warning("%s", reason)
@@ -94,13 +90,13 @@ def process(p: Any, args: tuple) -> None:
     try:
         params = MigcParams.from_ui(*args)
     except MigcError as exc:
-        _active = A1111Job(p=p, params=MigcParams(enabled=True), error=exc)
+        _active = Job(p=p, params=MigcParams(enabled=True), host=host, error=exc)
         log.error("%s", exc)
         return
     if not len(params.layout):
         p.comment("MIGC is enabled but the layout has no instances: nothing to do.")
         return
-    job = _active = A1111Job(p=p, params=params)
+    job = _active = Job(p=p, params=params, host=host)
     weights_hash = None
     try:
         weights_hash = weights_store.short_hash(weights_store.resolve(settings.models_dir(), params.weights))
@@ -115,13 +111,12 @@ def process(p: Any, args: tuple) -> None:
                 setattr(p, name, [with_descriptions_appended(text, descriptions) for text in prompts])
 
 
-def _prepare(job: A1111Job) -> MigcSession:
+def _prepare(job: Job) -> MigcSession:
     """Encode the instances and load the weights once per job; failures become the pending error."""
     from modules import devices
 
     p, params = job.p, job.params
-    unet = p.sd_model.model.diffusion_model
-    reference = next(unet.parameters())
+    reference = next(job.host.unet_of(p).parameters())
     conditioning = InstanceConditioning.build(torch.zeros((0, 77, 768)), torch.zeros((0, 768)), [])
     weights, global_context, error = None, None, job.error
     if error is None:
@@ -161,9 +156,24 @@ def before_sampling(p: Any) -> None:
 
     width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
     job.session.begin_pass(width, height, list(p.seeds), devices.device)
-    job.hooks = A1111Hooks(job.session, on_error=_finish, is_current=lambda: _active is job)
-    job.hooks.install(p.sd_model.model.diffusion_model)
-    job.passes += 1
+    job.hooks = job.host.Hooks(job.session, on_error=_finish, is_current=lambda: _active is job)
+    job.hooks.install(p)
+
+
+def sampler_step(params: Any) -> tuple[int, int]:
+    """(step index, steps) of the sampler for a CFG-denoiser call.
+
+    ``params.sampling_step`` is the WebUI's progress counter, which the sampler's callback updates only
+    after a step: during step i it still says i-1. The denoiser counts its own model evaluations
+    (``step``, out of ``total_steps``, twice per step for second-order samplers), which maps onto the
+    sampler's step exactly for one-evaluation samplers and proportionally otherwise.
+    """
+    steps = max(int(params.total_sampling_steps), 1)
+    denoiser = getattr(params, "denoiser", None)
+    evaluation, evaluations = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
+    if isinstance(evaluation, int) and isinstance(evaluations, int) and evaluations > 0:
+        return min(steps - 1, evaluation * steps // evaluations), steps
+    return int(params.sampling_step), steps
 
 
 def on_cfg_denoiser(params: Any) -> None:
@@ -174,9 +184,8 @@ def on_cfg_denoiser(params: Any) -> None:
     denoiser = getattr(params, "denoiser", None)
     if denoiser is not None and getattr(denoiser, "p", job.p) is not job.p:
         return
-    uncond = params.text_uncond
-    images = uncond.shape[0] if isinstance(uncond, torch.Tensor) else len(job.p.seeds)
-    job.hooks.on_cfg_step(params.sampling_step, params.total_sampling_steps, params.text_cond, params.x.shape[0], images)
+    step, steps = sampler_step(params)
+    job.hooks.on_cfg_step(step, steps, params)
 
 
 def after_batch(p: Any) -> None:

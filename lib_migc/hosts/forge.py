@@ -1,0 +1,167 @@
+"""WebUI Forge adapter: MIGC through the UnetPatcher's attn2 patches, the Forge way.
+
+``install`` clones ``p.sd_model.forge_objects.unet``, registers three patches and sets the clone back:
+nothing global is patched, and Forge restores its objects for the next job, so there is nothing to undo.
+
+Why three patches: Forge's attn2 *replacement* gets q/k/v already projected and must return the
+result before ``to_out``, while MIGC mixes outputs after ``to_out`` and needs the attn2 input itself
+(the Layout Attention and the Enhancement Attention read it). So
+
+* ``attn2_patch`` (before attn2) keeps the normed input and context of a layer that is not vanilla
+  at this step;
+* ``attn2_replace`` on the hooked layers computes the attention of the uncond rows only, with Forge's
+  own attention function (cond rows are left empty instead of computed and thrown away); at vanilla
+  steps it is exactly Forge's attention for every row;
+* ``attn2_output_patch`` (after ``to_out``) puts the cond rows computed by the shared
+  :meth:`MigcSession.shade` in place.
+
+Which rows are cond comes from Forge itself (``cond_indices`` in the transformer options; Forge puts
+uncond rows first); the step comes from the CFG-denoiser callback like on A1111. Patches are closures,
+not bound methods, because a later ``clone()`` deep-copies the model options.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..session import MigcSession
+from ..shading import ShadingMode
+from ..unet_layers import attn2_layers, layer_sort_key
+
+
+def unet_of(p: Any) -> nn.Module:
+    """Forge's UNet module (IntegratedUNet2DConditionModel) behind the job's UnetPatcher."""
+    return p.sd_model.forge_objects.unet.model.diffusion_model
+
+
+def decline_reason(p: Any) -> str | None:
+    return None
+
+
+def block_key(layer: str) -> tuple[str, int]:
+    """Our layer name -> Forge's transformer block key: ``output_blocks.3.1`` -> ("output", 3)."""
+    kind, index = layer.split(".")[:2]
+    return {"input_blocks": ("input", int(index)), "middle_block": ("middle", 0), "output_blocks": ("output", int(index))}[kind]
+
+
+def layer_of(block: Any) -> str | None:
+    """Forge's ``extra_options["block"]`` -> our layer name."""
+    if not block:
+        return None
+    kind, index = block[0], int(block[1])
+    return {"input": f"input_blocks.{index}.1", "middle": "middle_block.1", "output": f"output_blocks.{index}.1"}.get(kind)
+
+
+def _forge_attention() -> Callable:
+    """Forge's own attention function (bit-identical vanilla rows); plain SDPA outside Forge."""
+    try:
+        from backend.attention import attention_function
+
+        return attention_function
+    except ImportError:
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Any = None) -> torch.Tensor:
+            split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+            return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(-2)
+
+        return sdpa
+
+
+class Hooks:
+    """The patches of one sampling pass; ``remove`` makes them inert (Forge drops the clone itself)."""
+
+    def __init__(
+        self,
+        session: MigcSession,
+        on_error: Callable[[], None] | None = None,
+        is_current: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.session = session
+        self.on_error = on_error
+        self.is_current = is_current
+        self.layers: dict[str, nn.Module] = {}
+        self.images = 1
+        self._active = False
+
+    @property
+    def installed(self) -> bool:
+        return self._active
+
+    def install(self, p: Any) -> list[str]:
+        patcher = p.sd_model.forge_objects.unet
+        self.images = max(len(getattr(p, "seeds", [])), 1)
+        all_layers = attn2_layers(patcher.model.diffusion_model)
+        names = sorted(self.session.hooked_layers(list(all_layers)), key=layer_sort_key)
+        if not names and self.session.pending_error is not None:
+            names = sorted(all_layers, key=layer_sort_key)[:1]  # one hook is enough to raise the error
+        self.layers = {name: all_layers[name] for name in names}
+        clone = patcher.clone()
+        before, replace, after = self._patches()
+        clone.set_model_attn2_patch(before)
+        for name in names:
+            clone.set_model_attn2_replace(replace, *block_key(name), 0)
+        clone.set_model_attn2_output_patch(after)
+        p.sd_model.forge_objects.unet = clone
+        self._active = True
+        return names
+
+    def remove(self) -> None:
+        self._active = False
+
+    def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
+        self.session.set_step(step, total_steps)
+
+    def _patches(self) -> tuple[Callable, Callable, Callable]:
+        session, layers, attention = self.session, self.layers, _forge_attention()
+        stash: dict[str, tuple[torch.Tensor, torch.Tensor, ShadingMode]] = {}
+
+        def live() -> bool:
+            if not self._active or not self.is_current():
+                stash.clear()
+                return False
+            return True
+
+        def before(n: torch.Tensor, context: torch.Tensor, value: Any, extra_options: dict) -> tuple:
+            if not live():
+                return n, context, value
+            if session.pending_error is not None:
+                error = session.pending_error
+                self.remove()
+                if self.on_error is not None:
+                    self.on_error()
+                raise error
+            layer = layer_of(extra_options.get("block"))
+            if layer in layers:
+                mode = session.mode_for(layer)
+                if mode is not ShadingMode.VANILLA and extra_options.get("cond_indices"):
+                    stash[layer] = (n, context, mode)
+            return n, context, value
+
+        def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+            heads = extra_options["n_heads"]
+            if layer_of(extra_options.get("block")) not in stash:
+                return attention(q, k, v, heads)
+            out = q.new_zeros(q.shape)
+            uncond = extra_options.get("uncond_indices") or []
+            if uncond:
+                out[uncond] = attention(q[uncond], k[uncond], v[uncond], heads)
+            return out
+
+        def after(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
+            layer = layer_of(extra_options.get("block"))
+            kept = stash.pop(layer, None) if layer is not None else None
+            if kept is None:
+                return n
+            x, context, mode = kept
+            cond = list(extra_options["cond_indices"])
+            attn = layers[layer]
+            images = [j % self.images for j in range(len(cond))]
+            plain = lambda xx, cc: attn(xx, context=cc)  # noqa: E731
+            shaded = session.shade(layer, attn, plain, x[cond], context[cond], images, mode)
+            n = n.clone()
+            n[cond] = shaded.to(n.dtype)
+            return n
+
+        return before, replace, after
