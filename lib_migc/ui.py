@@ -50,7 +50,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
             weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
                                   elem_id=f"{tab}_migc_weights", allow_custom_value=True)
             refresh = _tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
-        layout = gr.Textbox(label="Instances (layout JSON)", lines=5, placeholder=LAYOUT_EXAMPLE, elem_id=f"{tab}_migc_layout")
+        layout = gr.Textbox(value="", label="Instances (layout JSON)", lines=5, placeholder=LAYOUT_EXAMPLE, elem_id=f"{tab}_migc_layout")
         gr.Markdown(HELP.format(folder=folder))
         with gr.Row():
             migc_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_steps")), step=0.01,
@@ -59,7 +59,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
                                     label="NaiveFuser steps (fraction; 0 = off)", elem_id=f"{tab}_migc_naive_steps")
         with gr.Row():
             use_main_prompt = gr.Checkbox(True, label="Use main prompt as global prompt", elem_id=f"{tab}_migc_use_main_prompt")
-            global_prompt = gr.Textbox(label="Global prompt (when not using the main prompt)", lines=1, elem_id=f"{tab}_migc_global_prompt")
+            global_prompt = gr.Textbox(value="", label="Global prompt (when not using the main prompt)", lines=1, elem_id=f"{tab}_migc_global_prompt")
         with gr.Row():
             append = gr.Checkbox(True, label="Add instance descriptions to the prompt", elem_id=f"{tab}_migc_append")
             draw_boxes = gr.Checkbox(False, label="Draw boxes on an extra output image", elem_id=f"{tab}_migc_draw_boxes")
@@ -86,15 +86,20 @@ def _tool_button(gr: Any, label: str, elem_id: str) -> Any:
 
 
 def infotext_fields(components: list[Any]) -> list[tuple[Any, Callable[[dict], Any]]]:
-    """Restore every component from a pasted infotext; a paste without MIGC turns MIGC off."""
+    """Restore every component from a pasted infotext; a paste without MIGC turns MIGC off.
+
+    The getters return ``gr.update`` objects: the WebUI otherwise converts a value to the type of the
+    component's current value, and an empty gradio-4 textbox reports ``None`` there (Forge).
+    """
+    import gradio as gr
 
     def getter(index: int) -> Callable[[dict], Any]:
         def get(params: dict) -> Any:
             text = params.get(INFOTEXT_KEY)
             if text is None:
-                return False if index == 0 else None
+                return gr.update(value=False) if index == 0 else None
             try:
-                return MigcParams.from_infotext(text).ui_values()[index]
+                return gr.update(value=MigcParams.from_infotext(text).ui_values()[index])
             except Exception:
                 return None
 

@@ -3,41 +3,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import fake_webui
-from helpers import build_unet, random_official_state
+from conftest import INSTANCES
 from lib_migc.errors import CheckpointError, LayoutError, MigcError
 from lib_migc.params import MigcParams
 
-INSTANCES = [{"description": "a red ball", "box": [0.05, 0.1, 0.5, 0.9]},
-             {"description": "a blue cube", "box": [0.45, 0.2, 0.95, 0.7]}]
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return build_unet(model_channels=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def text_model():
-    return fake_webui.tiny_text_model()
 
 
 @pytest.fixture()
-def webui(tmp_path):
-    state = random_official_state(seed=5, channels=128)
-    save_file(state, str(tmp_path / "tiny.safetensors"))
-    fake_webui.install_fake_modules(str(tmp_path))
+def webui(webui_modules):
     from lib_migc import job
     from lib_migc.hosts import a1111
 
-    job._finish()
-    yield SimpleNamespace(before_process=job.before_process, process=lambda p, args: job.process(p, args, a1111),
-                          before_sampling=job.before_sampling, after_batch=job.after_batch, postprocess=job.postprocess,
-                          on_cfg_denoiser=job.on_cfg_denoiser)
-    job._finish()
-    fake_webui.remove_fake_modules()
+    return SimpleNamespace(before_process=job.before_process, process=lambda p, args: job.process(p, args, a1111),
+                           before_sampling=job.before_sampling, after_batch=job.after_batch, postprocess=job.postprocess,
+                           on_cfg_denoiser=job.on_cfg_denoiser)
 
 
 def make_p(unet, text_model, batch=1, seeds=None, family="sd1", width=256, height=256):

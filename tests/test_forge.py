@@ -3,38 +3,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import fake_forge
 import fake_webui
-from helpers import build_unet, random_official_state
+from conftest import INSTANCES
 from lib_migc import job
 from lib_migc.errors import LayoutError
 from lib_migc.hosts import a1111, forge
 
-INSTANCES = [{"description": "a red ball", "box": [0.05, 0.1, 0.5, 0.9]},
-             {"description": "a blue cube", "box": [0.45, 0.2, 0.95, 0.7]}]
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return build_unet(model_channels=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def text_model():
-    return fake_webui.tiny_text_model()
 
 
 @pytest.fixture()
-def webui(tmp_path):
-    save_file(random_official_state(seed=5, channels=128), str(tmp_path / "tiny.safetensors"))
-    fake_webui.install_fake_modules(str(tmp_path))
-    job._finish()
+def webui(webui_modules):
     with fake_forge.backend_modules():
         yield
-    job._finish()
-    fake_webui.remove_fake_modules()
 
 
 def args(**overrides):

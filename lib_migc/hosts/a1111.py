@@ -17,7 +17,6 @@ rows of ``x_in`` its call holds.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,12 +24,9 @@ import torch
 import torch.nn as nn
 
 from ..patching import ForwardPatches
-from ..session import MigcSession
 from ..shading import ShadingMode
-from ..unet_layers import attn2_layers, layer_sort_key
-
-log = logging.getLogger("migc")
-
+from ..unet_layers import attn2_layers
+from .base import HooksBase
 
 # ---------------------------------------------------------------------------------------- rows
 @dataclass
@@ -79,22 +75,13 @@ def decline_reason(p: Any) -> str | None:
     return None
 
 
-class Hooks:
+class Hooks(HooksBase):
     """The attn2 overrides of one sampling pass; :meth:`remove` restores the UNet exactly."""
 
-    def __init__(
-        self,
-        session: MigcSession,
-        on_error: Callable[[], None] | None = None,
-        is_current: Callable[[], bool] = lambda: True,
-    ) -> None:
-        """``on_error`` runs before a pending error is raised; ``is_current`` tells whether the job that
-        installed the hooks is still running (hooks left behind by a failed job then step aside)."""
-        self.session = session
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.rows = RowCursor()
         self.patches = ForwardPatches()
-        self.on_error = on_error
-        self.is_current = is_current
 
     @property
     def installed(self) -> bool:
@@ -104,9 +91,7 @@ class Hooks:
         """Hook the layers of ``p``'s UNet that this session can change; returns their names."""
         self.remove()
         layers = attn2_layers(unet_of(p))
-        names = sorted(self.session.hooked_layers(list(layers)), key=layer_sort_key)
-        if not names and self.session.pending_error is not None:
-            names = sorted(layers, key=layer_sort_key)[:1]  # one hook is enough to raise the error
+        names = self.layers_to_hook(layers)
         for index, name in enumerate(names):
             self.patches.install(layers[name], self._forward_for(name, layers[name], first=index == 0))
         return names
@@ -137,12 +122,7 @@ class Hooks:
             if not self.is_current():
                 self.remove()
                 return plain(x, context)
-            if session.pending_error is not None:
-                error = session.pending_error
-                self.remove()
-                if self.on_error is not None:
-                    self.on_error()
-                raise error
+            self.raise_pending_error()
             if first:
                 rows.new_call(x.shape[0])
             mode = session.mode_for(name)

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..session import MigcSession
 from ..shading import ShadingMode
-from ..unet_layers import attn2_layers, layer_sort_key
+from ..unet_layers import attn2_layers
+from .base import HooksBase
 
 
 def unet_of(p: Any) -> nn.Module:
@@ -69,18 +69,11 @@ def _forge_attention() -> Callable:
         return sdpa
 
 
-class Hooks:
+class Hooks(HooksBase):
     """The patches of one sampling pass; ``remove`` makes them inert (Forge drops the clone itself)."""
 
-    def __init__(
-        self,
-        session: MigcSession,
-        on_error: Callable[[], None] | None = None,
-        is_current: Callable[[], bool] = lambda: True,
-    ) -> None:
-        self.session = session
-        self.on_error = on_error
-        self.is_current = is_current
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.layers: dict[str, nn.Module] = {}
         self.images = 1
         self._active = False
@@ -93,9 +86,7 @@ class Hooks:
         patcher = p.sd_model.forge_objects.unet
         self.images = max(len(getattr(p, "seeds", [])), 1)
         all_layers = attn2_layers(patcher.model.diffusion_model)
-        names = sorted(self.session.hooked_layers(list(all_layers)), key=layer_sort_key)
-        if not names and self.session.pending_error is not None:
-            names = sorted(all_layers, key=layer_sort_key)[:1]  # one hook is enough to raise the error
+        names = self.layers_to_hook(all_layers)
         self.layers = {name: all_layers[name] for name in names}
         clone = patcher.clone()
         before, replace, after = self._patches()
@@ -126,12 +117,7 @@ class Hooks:
         def before(n: torch.Tensor, context: torch.Tensor, value: Any, extra_options: dict) -> tuple:
             if not live():
                 return n, context, value
-            if session.pending_error is not None:
-                error = session.pending_error
-                self.remove()
-                if self.on_error is not None:
-                    self.on_error()
-                raise error
+            self.raise_pending_error()
             layer = layer_of(extra_options.get("block"))
             if layer in layers:
                 mode = session.mode_for(layer)

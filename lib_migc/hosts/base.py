@@ -1,0 +1,44 @@
+"""What both hosts' hooks share: the job's lifetime checks, which layers to hook, the pending error."""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch.nn as nn
+
+from ..session import MigcSession
+from ..unet_layers import layer_sort_key
+
+
+class HooksBase:
+    """``on_error`` runs before a pending error is raised; ``is_current`` tells whether the job that
+    installed the hooks is still running (hooks left behind by a failed job then step aside)."""
+
+    def __init__(
+        self,
+        session: MigcSession,
+        on_error: Callable[[], None] | None = None,
+        is_current: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.session = session
+        self.on_error = on_error
+        self.is_current = is_current
+
+    def remove(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def layers_to_hook(self, layers: Mapping[str, nn.Module]) -> list[str]:
+        """The session's layers in UNet order; with a pending error, the first layer is enough to raise it."""
+        names = sorted(self.session.hooked_layers(list(layers)), key=layer_sort_key)
+        if not names and self.session.pending_error is not None:
+            names = sorted(layers, key=layer_sort_key)[:1]
+        return names
+
+    def raise_pending_error(self) -> None:
+        """Stop the job with the error found before sampling, after taking every hook away."""
+        error = self.session.pending_error
+        if error is None:
+            return
+        self.remove()
+        if self.on_error is not None:
+            self.on_error()
+        raise error
