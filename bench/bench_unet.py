@@ -132,8 +132,8 @@ def main() -> None:
     weights_mb = sum(p.numel() for b in blocks.values() for p in b.parameters()) * 2 / 2**20
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name}, {dtype}, torch {torch.__version__}; MIGC weights {weights_mb:.0f} MiB in fp16")
-    print("| size | case | median ms | ratio to MIGC off | extra peak MiB per step | per-generation cache MiB | per-instance cost |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | case | median ms | ratio to MIGC off | extra peak MiB per step | per-generation cache MiB |")
+    print("|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         width, height = map(int, size.split("x"))
         g = torch.Generator().manual_seed(0)
@@ -184,17 +184,21 @@ def main() -> None:
                 times[label].append(run_case(session, timed=True)[0])
         median = {label: statistics.median(values) for label, values in times.items()}
         off = median["MIGC off"]
-        previous = None
+        migc_rows = [(int(label.split()[1]), median[label]) for label, _ in cases if label.startswith("MIGC, ")]
         for label, _ in cases:
             ms = median[label]
-            marginal = ""
-            if label.startswith("MIGC, "):
-                n = int(label.split()[1])
-                if previous is not None:
-                    marginal = f"{(ms - previous[1]) / (n - previous[0]) / off * 100:+.1f}% of a plain step"
-                previous = (n, ms)
-            print(f"| {size} | {label} | {ms:.0f} | {ms / off:.3f}x | {peaks[label] - peaks['MIGC off']:.0f} | {caches[label]:.0f} | {marginal} |")
+            print(f"| {size} | {label} | {ms:.0f} | {ms / off:.3f}x | {peaks[label] - peaks['MIGC off']:.0f} | {caches[label]:.0f} |")
+        if len(migc_rows) > 1:
+            print(f"\nper extra instance at {size} (least-squares slope over {len(migc_rows)} MIGC cases): "
+                  f"{slope(migc_rows) / off * 100:+.2f}% of a plain step")
 
+
+def slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of time over instance count: steadier than differences of single medians."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 if __name__ == "__main__":
     main()

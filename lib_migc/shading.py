@@ -158,6 +158,11 @@ class LayerShader:
         channels = x.shape[-1]
         v["out_bias"] = attn.to_out(torch.zeros((1, channels), device=dev, dtype=dt))[0]
         if self.block is not None:
+            reference = next(self.block.parameters())
+            if reference.device != dev or reference.dtype != dt:
+                # Hosts may load or offload the UNet elsewhere between our load and sampling (Forge's
+                # memory manager, A1111's --medvram): follow the activations, once per generation.
+                self.block.to(device=dev, dtype=dt)
             v.update(self._prepare_block(x, v["out_bias"]))
         self._cache.key, self._cache.values = key, v
         return v

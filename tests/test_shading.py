@@ -211,3 +211,12 @@ def test_migc_mode_requires_a_block_and_permutations():
         shader_for(case, attn)(case["x"], case["global_ctx"], case["masks"], ShadingMode.MIGC, perms=perms_for([0]))
     with pytest.raises(ValueError):
         shader_for(case, attn, make_block())(case["x"], case["global_ctx"], case["masks"], ShadingMode.MIGC)
+
+
+def test_a_block_loaded_in_another_dtype_follows_the_activations():
+    """Hosts may move the UNet after MIGC loaded its weights (Forge's memory manager, --medvram)."""
+    case = make_case(n=2)
+    attn, block = make_attn(), make_block().to(torch.float64)
+    with torch.no_grad():
+        out = shader_for(case, attn, block)(case["x"], case["global_ctx"], case["masks"], ShadingMode.MIGC, perms=perms_for([1]))
+    assert out.dtype == torch.float32 and next(block.parameters()).dtype == torch.float32
