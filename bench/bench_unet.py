@@ -77,6 +77,20 @@ class LiveTensorPeak(TorchDispatchMode):
             del self._refs[key]
 
 
+def use_sdp_attention() -> None:
+    """Replace ldm's CrossAttention.forward on the class, the way A1111 applies its 'sdp' optimisation."""
+    import torch.nn.functional as F
+    from ldm.modules.attention import CrossAttention
+
+    def forward(self, x, context=None, mask=None, **kwargs):
+        context = x if context is None else context
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
+        return self.to_out(out.transpose(1, 2).flatten(-2))
+
+    CrossAttention.forward = forward
+
+
 def build_sd1_unet(device, dtype):
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -108,7 +122,7 @@ def cache_mib(session: MigcSession | None) -> float:
         return 0.0
     tensors = [t for shader in session._shaders.values() for t in shader._cache.values.values()]
     masks = session._masks._cache.values() if session._masks is not None else []
-    tensors += [t for m in masks for t in (m.instances, m.background, m.layout_allowed)]
+    tensors += [t for m in masks for t in (m.instances, m.background, m.__dict__.get("layout_allowed")) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
@@ -119,7 +133,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--attention", choices=["ldm", "sdp"], default="ldm",
+                        help="vanilla attention: ldm's own (materialises every score matrix; needs > 24 GB at "
+                             "1024x1024) or scaled_dot_product_attention set on the class, as A1111's 'sdp' does")
+    parser.add_argument("--no-memory", action="store_true", help="skip the (slow on CPU) peak-memory pass")
     args = parser.parse_args()
+    if args.attention == "sdp":
+        use_sdp_attention()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -175,8 +195,8 @@ def main() -> None:
         cases = [("MIGC off", None)] + [(f"MIGC, {n} instances", session_for(n, False, blocks, width, height, device, dtype)) for n in counts]
         cases.append(("NaiveFuser on every attn2, 6 instances", session_for(6, True, blocks, width, height, device, dtype)))
         for _, session in cases:
-            run_case(session, timed=False)  # per-generation work: instance K/V, folded weights, masks
-        peaks = {label: run_case(session, timed=False)[1] for label, session in cases}  # steady-state step
+            run_case(session, timed=True)  # per-generation work: instance K/V, folded weights, masks
+        peaks = {label: 0.0 if args.no_memory else run_case(session, timed=False)[1] for label, session in cases}
         caches = {label: cache_mib(session) for label, session in cases}
         times: dict[str, list[float]] = {label: [] for label, _ in cases}
         for _ in range(args.repeats):  # interleaved rounds, so drift in machine speed hits every case alike

@@ -11,7 +11,7 @@ stride-2 convolutions that round up, so any multiple of 8 works, square or not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -68,14 +68,22 @@ def feature_size(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     raise ValueError(f"no UNet level of a {latent_hw[0]}x{latent_hw[1]} latent has {tokens} positions")
 
 
-@dataclass(frozen=True)
 class FeatureMasks:
     """Masks at one feature resolution, flattened row-major like the attention tokens."""
 
-    instances: torch.Tensor  # (N, HW)
-    background: torch.Tensor  # (HW,)
-    layout_allowed: torch.Tensor  # (HW, HW) bool: may pixel p attend to pixel q in Layout Attention
-    size: tuple[int, int]
+    def __init__(self, instances: torch.Tensor, background: torch.Tensor, size: tuple[int, int]) -> None:
+        self.instances = instances  # (N, HW)
+        self.background = background  # (HW,)
+        self.size = size
+
+    @cached_property
+    def layout_allowed(self) -> torch.Tensor:
+        """(HW, HW) bool: may pixel p attend to pixel q in the Layout Attention (some region holds both).
+
+        Built on first use only: the naive fuser never needs it, and at 64x64 tokens it is 16 M entries.
+        """
+        regions = torch.cat([self.instances, self.background[None]]) > 0
+        return (regions.T.float() @ regions.float()) > 0
 
 
 class MaskCache:
@@ -117,11 +125,4 @@ class MaskCache:
     def _build(self, size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> FeatureMasks:
         inst = _bilinear(self.latent_instances, size).flatten(1)
         bg = _bilinear(self.latent_background[None], size).flatten(1)
-        regions = torch.cat([inst, bg]) > 0  # Layout Attention regions: instances and background
-        allowed = (regions.T.float() @ regions.float()) > 0
-        return FeatureMasks(
-            instances=inst.to(device=device, dtype=dtype),
-            background=bg[0].to(device=device, dtype=dtype),
-            layout_allowed=allowed.to(device=device),
-            size=size,
-        )
+        return FeatureMasks(inst.to(device=device, dtype=dtype), bg[0].to(device=device, dtype=dtype), size)

@@ -183,7 +183,7 @@ class LayerShader:
             "conv1_bias_o": (w1c @ out_bias.float()).to(dt),  # conv1_C . b_o
             "conv1_mask": w1m.to(dt),
             "conv1_bias": sac.conv1.bias.to(dt),
-            "conv1_c": w1c.to(dt),
+            "conv1_c": w1c.to(dt).contiguous(),
             "conv2": sac.conv2.weight.reshape(channels).to(dt),
             "conv2_bias": sac.conv2.bias.to(dt),
         }
