@@ -73,9 +73,3 @@ def load_cached(path: str, device: torch.device, dtype: torch.dtype) -> MigcWeig
         weights = load_migc_weights(path, device=device, dtype=dtype)
         _cached = (key, weights)
         return weights
-
-
-def clear_cache() -> None:
-    global _cached
-    with _lock:
-        _cached = None
