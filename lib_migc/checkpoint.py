@@ -24,14 +24,12 @@ import torch
 from .errors import CheckpointError
 from .modules import MIGCBlock, expected_state_shapes
 from .unet_layers import layer_sort_key
+from .weight_files import SAFE_SUFFIXES
 
 KIND_MIGC = "migc"
 KIND_MIGC_PLUS = "migc++"
 MARKER = "migc"
 MAX_LISTED = 12
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-WEIGHT_SUFFIXES = PICKLE_SUFFIXES[:2] + SAFE_SUFFIXES
 
 
 @dataclass

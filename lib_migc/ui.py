@@ -2,21 +2,25 @@
 
 Components are returned in :data:`lib_migc.params.UI_FIELDS` order, which is also the API's list form.
 The layout lives in one textbox holding the layout JSON (``#<tab>_migc_layout``): the box editor in
-``javascript/`` edits that same textbox, so Python only ever reads one format.
+``javascript/`` mounts above it (``#<tab>_migc_editor``), hides it and edits that same textbox, so
+Python only ever reads one format, and the textbox is still there if the script fails to load.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from .params import INFOTEXT_KEY, MigcParams, UI_FIELDS
-from . import settings, weights_store
+from . import settings, weight_files
 
 LAYOUT_EXAMPLE = (
     '{"instances": [{"description": "a red teddy bear", "box": [0.05, 0.3, 0.45, 0.95]},\n'
     '               {"description": "a gray cat", "box": [0.55, 0.35, 0.95, 0.95], "ca": 1, "ea": 1, "sac": 1}]}'
 )
+#: Where javascript/migc_box_editor.js mounts the canvas; the text shows only if the script did not load.
+EDITOR_MOUNT = '<div class="migc-editor-mount">The box editor needs JavaScript; edit the layout JSON below instead.</div>'
 HELP = (
-    "Boxes are [x0, y0, x1, y1] as fractions of the image (origin top-left). Optional per-instance scales: "
+    "Drag on the canvas to draw a box, drag a box to move it, drag its edges to resize; type each box's description "
+    "in the list. In the JSON, boxes are [x0, y0, x1, y1] as fractions of the image (origin top-left). Optional per-instance scales: "
     "ca (cross-attention), ea (enhancement attention), sac (aggregation weight); 1 = trained behaviour. "
     "MIGC needs an SD1.x checkpoint and the MIGC weights in {folder}."
 )
@@ -44,12 +48,13 @@ def build_panel(is_img2img: bool) -> list[Any]:
     folder = settings.models_dir()
     enabled, container = _accordion(gr, tab)
     with container:
-        choices = weights_store.list_weight_files(folder)
+        choices = weight_files.list_weight_files(folder)
         default = settings.option("migc_default_weights")
         with gr.Row():
             weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
                                   elem_id=f"{tab}_migc_weights", allow_custom_value=True)
             refresh = _tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
+        gr.HTML(value=EDITOR_MOUNT, elem_id=f"{tab}_migc_editor")
         layout = gr.Textbox(value="", label="Instances (layout JSON)", lines=5, placeholder=LAYOUT_EXAMPLE, elem_id=f"{tab}_migc_layout")
         gr.Markdown(HELP.format(folder=folder))
         with gr.Row():
@@ -66,7 +71,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
             hires = gr.Checkbox(bool(settings.option("migc_default_hires")), label="Also in the hires-fix pass", elem_id=f"{tab}_migc_hires")
 
         def refresh_choices() -> Any:
-            found = weights_store.list_weight_files(settings.models_dir())
+            found = weight_files.list_weight_files(settings.models_dir())
             return gr.update(choices=found or [settings.option("migc_default_weights")])
 
         refresh.click(fn=refresh_choices, inputs=[], outputs=[weights])

@@ -11,24 +11,15 @@ import threading
 
 import torch
 
-from .checkpoint import WEIGHT_SUFFIXES, MigcWeights, load_migc_weights
+from .checkpoint import MigcWeights, load_migc_weights
 from .errors import CheckpointError
+from .weight_files import list_weight_files
 
 HASH_CHARS = 10  # the WebUI's short-hash length
 
 _lock = threading.Lock()
 _cached: tuple[tuple, MigcWeights] | None = None
 _hashes: dict[tuple, str] = {}
-
-
-def list_weight_files(folder: str) -> list[str]:
-    """File names of MIGC weights (``.ckpt``/``.pt``/``.safetensors``) in ``folder``, sorted."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(
-        name for name in os.listdir(folder)
-        if name.lower().endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(folder, name))
-    )
 
 
 def resolve(folder: str, name: str) -> str:

@@ -1,6 +1,7 @@
 """The MIGC panel in the real WebUI page (headless Chromium): it renders, and pasting an infotext restores it."""
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -52,3 +53,60 @@ def test_pasting_an_infotext_restores_the_panel(page):
     steps = page.locator("#txt2img_migc_steps input[type=number]").input_value()
     assert abs(float(steps) - 0.3) < 1e-6
     assert page.locator("#txt2img_migc_draw_boxes input").is_checked()
+
+
+def _set_number(page, selector: str, value) -> None:
+    box = page.locator(f"{selector} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def test_pasted_infotext_redraws_the_box_editor(page):
+    """The paste above went through the WebUI's own paste code: the editor's list and canvas follow."""
+    page.wait_for_function("() => document.querySelectorAll('#txt2img_migc_list .migc-row').length === 2", timeout=10_000)
+    descriptions = page.locator("#txt2img_migc_list .migc-desc").evaluate_all("els => els.map(e => e.value)")
+    assert descriptions == ["a red ball", "a gray cat"]
+
+
+def test_box_editor_drives_a_real_generation(page):
+    """Draw two boxes in the real page, generate from the UI, and find them in the image's infotext."""
+    for tab in ("txt2img", "img2img"):
+        assert page.locator(f"#{tab}_migc_editor_root").count() == 1, f"no box editor in {tab}"
+    enabled = page.locator("#txt2img_migc_enabled input[type=checkbox]").first
+    if not enabled.is_checked():
+        enabled.check()
+    page.locator("#txt2img_migc_clear").click()
+    _set_number(page, "#txt2img_width", 384)
+    _set_number(page, "#txt2img_height", 256)
+    _set_number(page, "#txt2img_steps", 3)
+    canvas = page.locator("#txt2img_migc_editor_root canvas")
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_function("() => { const c = document.querySelector('#txt2img_migc_editor_root canvas');"
+                           " return Math.abs(c.clientWidth / c.clientHeight - 1.5) < 0.02; }", timeout=10_000)
+
+    def drag(a, b):
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + a[0] * box["width"], box["y"] + a[1] * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + b[0] * box["width"], box["y"] + b[1] * box["height"], steps=6)
+        page.mouse.up()
+
+    drag((0.05, 0.2), (0.45, 0.9))
+    page.locator("#txt2img_migc_list .migc-row[data-index='0'] .migc-desc").fill("a red ball")
+    drag((0.55, 0.3), (0.95, 0.9))
+    page.locator("#txt2img_migc_list .migc-row[data-index='1'] .migc-desc").fill("a gray cat")
+    layout = json.loads(page.locator("#txt2img_migc_layout textarea").input_value())["instances"]
+    assert [i["description"] for i in layout] == ["a red ball", "a gray cat"]
+    page.locator("#txt2img_prompt textarea").fill("a room")
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function("() => (document.querySelector('#html_info_txt2img') || {}).innerText?.includes('MIGC:')", timeout=600_000)
+    info = page.locator("#html_info_txt2img").first.inner_text()
+    assert "Size: 384x256" in info and "a red ball" in info and "a gray cat" in info, info
+    quoted = re.search(r'MIGC: ("(?:[^"\\]|\\.)*")', info)
+    assert quoted, info
+    recorded = json.loads(json.loads(quoted.group(1)))
+    assert recorded["instances"] == layout, (recorded, layout)
+    shot = os.path.join(os.environ.get("MIGC_SCREENSHOTS", tempfile.gettempdir()), "migc_webui_generation.png")
+    page.screenshot(path=shot, full_page=True)
+    enabled.uncheck()
