@@ -1,7 +1,12 @@
-"""End to end: one CFG UNet forward of a full-size SD1 UNet with MIGC off, MIGC on, NaiveFuser on.
+"""End to end: one CFG UNet forward of a full-size SD1 UNet with MIGC off, MIGC on, NaiveFuser on,
+and StructureDiffusion (default and conjunction mode).
 
     python bench/bench_unet.py [--sizes 512x512,768x512,1024x1024] [--instances 1,2,4,6,8,16]
-                               [--repeats 3] [--device cpu|cuda] [--threads N]
+                               [--structure 2,4] [--repeats 3] [--device cpu|cuda] [--threads N]
+
+``--instances none`` / ``--structure none`` leave those rows out. Compare StructureDiffusion with
+``--attention sdp`` (the WebUI's usual optimisation): its cond rows run through SDPA, and ldm's own
+attention is slower than that, which would flatter it.
 
 Builds the real CompVis ldm ``UNetModel`` with the SD1.x configuration and random weights, hooks it the
 way the A1111 adapter does (``hosts.a1111.Hooks`` + ``MigcSession``, cond row first, uncond row last) and
@@ -33,6 +38,8 @@ from lib_migc.modules import MIGCBlock  # noqa: E402
 from lib_migc.params import MigcParams  # noqa: E402
 from lib_migc.session import MigcSession  # noqa: E402
 from lib_migc.shading import InstanceConditioning  # noqa: E402
+from lib_migc.structure import StructureRuntime  # noqa: E402
+from lib_migc.structure_attention import Overlay  # noqa: E402
 from lib_migc.unet_layers import MIGC_LAYERS  # noqa: E402
 
 GRID = [(x * 0.23, y * 0.23, x * 0.23 + 0.3, y * 0.23 + 0.3) for y in range(4) for x in range(4)]
@@ -116,6 +123,17 @@ def session_for(n: int, naive_only: bool, blocks, width: int, height: int, devic
     return session
 
 
+def structure_session(phrases: int, mode: str, width: int, height: int, device, dtype) -> MigcSession:
+    """StructureDiffusion alone with ``phrases`` 3-token phrases at disjoint spans of a 40-token prompt."""
+    g = torch.Generator().manual_seed(100 + phrases)
+    overlays = [Overlay(1 + 4 * i, torch.randn((3, 768), generator=g).to(device, dtype)) for i in range(phrases)]
+    params = MigcParams(enabled=False)
+    session = MigcSession(params, InstanceConditioning.build(torch.zeros((0, 77, 768)), torch.zeros((0, 768)), []), None)
+    session.begin_pass(width, height, [1], device)
+    session.structure = StructureRuntime(mode, [[(10**9, overlays)]])
+    return session
+
+
 def cache_mib(session: MigcSession | None) -> float:
     """Tensors a session keeps for the whole generation (instance K/V, folded weights, masks)."""
     if session is None:
@@ -130,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="512x512,768x512,1024x1024", help="WIDTHxHEIGHT list")
     parser.add_argument("--instances", default="1,2,4,6,8,16")
+    parser.add_argument("--structure", default="2,4", help="StructureDiffusion phrase counts (default mode at the first)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0)
@@ -191,9 +210,16 @@ def main() -> None:
                 if hooks is not None:
                     hooks.remove()
 
-        counts = [int(n) for n in args.instances.split(",")]
+        counts = [] if args.instances == "none" else [int(n) for n in args.instances.split(",")]
         cases = [("MIGC off", None)] + [(f"MIGC, {n} instances", session_for(n, False, blocks, width, height, device, dtype)) for n in counts]
-        cases.append(("NaiveFuser on every attn2, 6 instances", session_for(6, True, blocks, width, height, device, dtype)))
+        if counts:
+            cases.append(("NaiveFuser on every attn2, 6 instances", session_for(6, True, blocks, width, height, device, dtype)))
+        phrase_counts = [] if args.structure == "none" else [int(n) for n in args.structure.split(",")]
+        if phrase_counts:
+            cases.append((f"StructureDiffusion default, {phrase_counts[0]} phrases",
+                          structure_session(phrase_counts[0], "default", width, height, device, dtype)))
+        for n in phrase_counts:
+            cases.append((f"StructureDiffusion conjunction, {n} phrases", structure_session(n, "conjunction", width, height, device, dtype)))
         for _, session in cases:
             run_case(session, timed=True)  # per-generation work: instance K/V, folded weights, masks
         peaks = {label: 0.0 if args.no_memory else run_case(session, timed=False)[1] for label, session in cases}

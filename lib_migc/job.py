@@ -12,7 +12,7 @@ own cleanup; hooks left from a job that is no longer current step aside by thems
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -21,9 +21,10 @@ import torch
 from . import settings, weights_store
 from .draw import draw_layout
 from .errors import MigcError
-from .params import INFOTEXT_KEY, MigcParams, with_descriptions_appended
+from .params import INFOTEXT_KEY, UI_FIELDS, MigcParams, with_descriptions_appended
 from .session import MigcSession
 from .shading import InstanceConditioning
+from .structure import build_runtime, skipped_message
 from .text_encoding import encode_phrases
 
 log = logging.getLogger("migc")
@@ -63,29 +64,55 @@ def decline_reason(p: Any, host: ModuleType) -> str | None:
     model = p.sd_model
     if not getattr(model, "is_sd1", False):
         family = "an SDXL" if getattr(model, "is_sdxl", False) else "an SD2.x" if getattr(model, "is_sd2", False) else "a non-SD1.x"
+        hint = " StructureDiffusion (below MIGC in the panel) works without MIGC on SD1.x and SD2.x." if family != "an SDXL" else ""
         return (f"MIGC was skipped: it needs an SD1.x checkpoint (its weights were trained on SD1.4) and {family} "
-                "model is loaded, so this image was generated without MIGC.")
+                f"model is loaded, so this image was generated without MIGC.{hint}")
     return host.decline_reason(p)
 
 
-def _asks_for_migc(args: tuple) -> bool:
-    """Whether the raw arguments enable MIGC, even when they are otherwise invalid."""
+def structure_decline_reason(p: Any, host: ModuleType) -> str | None:
+    """StructureDiffusion needs the ldm text-conditioning of SD1.x or SD2.x (one text encoder)."""
+    model = p.sd_model
+    if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
+        return ("StructureDiffusion was skipped: it supports SD1.x and SD2.x checkpoints (one CLIP text encoder); "
+                "this model has another text conditioning, so the image was generated without it.")
+    return host.decline_reason(p, "StructureDiffusion")
+
+
+def _asks_for_anything(args: tuple) -> bool:
+    """Whether the raw arguments enable MIGC or StructureDiffusion, even when they are otherwise invalid."""
     if not args:
         return False
     first = args[0]
-    return first is True or (isinstance(first, dict) and first.get("enabled", True) is not False)
+    if isinstance(first, dict):
+        structure = first.get("structure")
+        return first.get("enabled", True) is not False or (isinstance(structure, dict) and structure.get("enabled", True) is not False)
+    index = UI_FIELDS.index("structure_enabled")
+    return first is True or (len(args) > index and args[index] is True)
+
+
+def _effective(p: Any, params: MigcParams, host: ModuleType) -> MigcParams | None:
+    """The parts that can run on this model (declines are told under the image); None if nothing can."""
+    migc = params.enabled and len(params.layout) > 0
+    structure = params.structure.enabled
+    if params.enabled and not len(params.layout) and not structure:
+        p.comment("MIGC is enabled but the layout has no instances: nothing to do.")
+    migc_reason = decline_reason(p, host) if migc else None
+    structure_reason = structure_decline_reason(p, host) if structure else None
+    for reason in filter(None, (migc_reason, structure_reason)):
+        p.comment(reason)
+        log.warning("%s", reason)
+    migc, structure = migc and migc_reason is None, structure and structure_reason is None
+    if not (migc or structure):
+        return None
+    return replace(params, enabled=migc, structure=replace(params.structure, enabled=structure))
 
 
 def process(p: Any, args: tuple, host: ModuleType) -> None:
     """Parse the arguments, decline or start the job, write the infotext and adjust the prompts."""
     global _active
     _finish()
-    if not _asks_for_migc(args):
-        return
-    reason = decline_reason(p, host)
-    if reason is not None:
-        p.comment(reason)
-        log.warning("%s", reason)
+    if not _asks_for_anything(args):
         return
     try:
         params = MigcParams.from_ui(*args)
@@ -93,17 +120,18 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
         _active = Job(p=p, params=MigcParams(enabled=True), host=host, error=exc)
         log.error("%s", exc)
         return
-    if not len(params.layout):
-        p.comment("MIGC is enabled but the layout has no instances: nothing to do.")
+    params = _effective(p, params, host)
+    if params is None:
         return
     job = _active = Job(p=p, params=params, host=host)
     weights_hash = None
-    try:
-        weights_hash = weights_store.short_hash(weights_store.resolve(settings.models_dir(), params.weights))
-    except MigcError as exc:
-        job.error = exc
+    if params.enabled:
+        try:
+            weights_hash = weights_store.short_hash(weights_store.resolve(settings.models_dir(), params.weights))
+        except MigcError as exc:
+            job.error = exc
     p.extra_generation_params[INFOTEXT_KEY] = params.to_infotext(weights_hash=weights_hash)
-    if params.append_descriptions:
+    if params.enabled and params.append_descriptions:
         descriptions = params.layout.descriptions
         for name in ("all_prompts", "all_hr_prompts"):
             prompts = getattr(p, name, None)
@@ -119,7 +147,7 @@ def _prepare(job: Job) -> MigcSession:
     reference = next(job.host.unet_of(p).parameters())
     conditioning = InstanceConditioning.build(torch.zeros((0, 77, 768)), torch.zeros((0, 768)), [])
     weights, global_context, error = None, None, job.error
-    if error is None:
+    if error is None and params.enabled:
         try:
             path = weights_store.resolve(settings.models_dir(), params.weights)
             weights = weights_store.load_cached(path, reference.device, reference.dtype)
@@ -156,8 +184,39 @@ def before_sampling(p: Any) -> None:
 
     width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
     job.session.begin_pass(width, height, list(p.seeds), devices.device)
+    if job.params.structure.enabled and job.session.pending_error is None:
+        _prepare_structure(job, hr_pass)
     job.hooks = job.host.Hooks(job.session, on_error=_finish, is_current=lambda: _active is job)
     job.hooks.install(p)
+
+
+def _pass_prompts(p: Any, hr_pass: bool) -> list[str]:
+    """The prompts of the images in this sampling pass (A1111 sets ``p.prompts`` per batch)."""
+    prompts = getattr(p, "hr_prompts" if hr_pass else "prompts", None)
+    if not prompts:
+        prompts = (getattr(p, "all_hr_prompts" if hr_pass else "all_prompts", None) or [""])[:max(len(p.seeds), 1)]
+    return list(prompts)
+
+
+def _prepare_structure(job: Job, hr_pass: bool) -> None:
+    """Spans and phrase encodings for this pass; skipped phrases are told under the image."""
+    from modules import devices
+
+    p = job.p
+    steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if hr_pass else int(getattr(p, "steps", 20))
+    try:
+        with devices.autocast():
+            runtime = build_runtime(p.sd_model, job.params.structure, _pass_prompts(p, hr_pass), job.params.layout.descriptions, steps)
+    except MigcError as exc:
+        job.session.pending_error = exc
+        return
+    message = skipped_message(runtime.skipped)
+    if message:
+        p.comment(message)
+        log.warning("%s", message)
+    if not runtime.phrase_count:
+        p.comment("StructureDiffusion found none of its phrases in the prompt, so it changed nothing.")
+    job.session.structure = runtime
 
 
 def sampler_step(params: Any) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import MigcError
 from .layout import Layout, parse_layout
+from .structure_params import StructureParams
 
 DEFAULT_WEIGHTS = "MIGC_SD14.ckpt"
 INFOTEXT_KEY = "MIGC"
@@ -28,6 +29,7 @@ class MigcParams:
     append_descriptions: add instance descriptions missing from the prompt to it (the official
     convention: the global prompt names every instance).
     hires: run MIGC in the hires-fix pass too.
+    structure: StructureDiffusion, which runs with MIGC or alone (``enabled`` is MIGC's own switch).
     """
 
     enabled: bool = False
@@ -39,6 +41,7 @@ class MigcParams:
     append_descriptions: bool = True
     draw_boxes: bool = False
     hires: bool = False
+    structure: StructureParams = field(default_factory=StructureParams)
 
     # ------------------------------------------------------------------ formats
     @classmethod
@@ -52,11 +55,12 @@ class MigcParams:
         if len(args) > len(UI_FIELDS):
             raise MigcError(f"MIGC: {len(args)} arguments given, at most {len(UI_FIELDS)} expected: {', '.join(UI_FIELDS)}.")
         values = dict(zip(UI_FIELDS, args))
+        structure = StructureParams.from_ui(*(values.pop(name, None) for name in STRUCTURE_UI_FIELDS))
         global_prompt = values.pop("global_prompt", None)
         layout = parse_layout(values.pop("layout", None))
         if isinstance(global_prompt, str) and global_prompt.strip():
             layout = replace(layout, global_prompt=global_prompt.strip())
-        return cls._checked(layout=layout, **values)
+        return cls._checked(layout=layout, structure=structure, **values)
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> "MigcParams":
@@ -71,17 +75,21 @@ class MigcParams:
             layout_source["instances"] = values.pop("instances")
         if "global_prompt" in values:
             layout_source["global_prompt"] = values.pop("global_prompt")
-        return cls._checked(layout=parse_layout(layout_source), **values)
+        structure = StructureParams.from_api(values.pop("structure", None))
+        return cls._checked(layout=parse_layout(layout_source), structure=structure, **values)
 
     def to_api(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layout", "structure")}
         out.update(self.layout.to_dict())
+        if self.structure.enabled:
+            out["structure"] = self.structure.to_api()
         return out
 
     def to_infotext(self, weights_hash: str | None = None) -> str:
         """Compact JSON of every field but ``enabled`` (its presence means enabled), plus the weights' short hash."""
         data = self.to_api()
-        del data["enabled"]
+        if data["enabled"]:
+            del data["enabled"]  # kept only as false: StructureDiffusion alone
         if weights_hash:
             data["weights_hash"] = weights_hash
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
@@ -95,7 +103,7 @@ class MigcParams:
         if not isinstance(data, dict):
             raise MigcError(f"MIGC: the infotext entry {INFOTEXT_KEY!r} must be a JSON object.")
         data.pop("weights_hash", None)
-        return cls.from_api({**data, "enabled": True})
+        return cls.from_api({"enabled": True, **data})
 
     def ui_values(self) -> list[Any]:
         """Values for the panel's components, in :data:`UI_FIELDS` order."""
@@ -103,6 +111,7 @@ class MigcParams:
         return [
             self.enabled, self.weights, layout.to_json() if len(layout) else "", self.migc_steps, self.naive_steps,
             self.use_main_prompt, self.layout.global_prompt or "", self.append_descriptions, self.draw_boxes, self.hires,
+            *self.structure.ui_values(),
         ]
 
     # ------------------------------------------------------------------ validation
@@ -129,11 +138,13 @@ class MigcParams:
 UI_FIELDS: tuple[str, ...] = (
     "enabled", "weights", "layout", "migc_steps", "naive_steps", "use_main_prompt", "global_prompt",
     "append_descriptions", "draw_boxes", "hires",
+    "structure_enabled", "structure_mode", "structure_phrases", "structure_custom",
 )
+STRUCTURE_UI_FIELDS = UI_FIELDS[-4:]
 #: API dict form.
 API_FIELDS: tuple[str, ...] = (
     "enabled", "weights", "instances", "global_prompt", "migc_steps", "naive_steps", "use_main_prompt",
-    "append_descriptions", "draw_boxes", "hires",
+    "append_descriptions", "draw_boxes", "hires", "structure",
 )
 
 

@@ -16,6 +16,7 @@ from .checkpoint import MigcWeights
 from .masks import FeatureMasks, MaskCache
 from .params import MigcParams, step_limit
 from .shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations
+from .structure import StructureRuntime
 
 PlainForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -48,6 +49,7 @@ class MigcSession:
         self._masks: MaskCache | None = None
         self._generators: list[torch.Generator] = []
         self._shaders: dict[str, LayerShader] = {}
+        self.structure: StructureRuntime | None = None  # StructureDiffusion on the cond rows of every attn2
 
     # ------------------------------------------------------------------ pass / step
     def begin_pass(self, width: int, height: int, seeds: Sequence[int], device: torch.device) -> None:
@@ -71,8 +73,15 @@ class MigcSession:
             return ShadingMode.NAIVE
         return ShadingMode.VANILLA
 
+    def is_shaded(self, mode: ShadingMode) -> bool:
+        """Whether a layer in ``mode`` needs :meth:`shade` for its cond rows (StructureDiffusion: always)."""
+        return mode is not ShadingMode.VANILLA or self.structure is not None
+
     def hooked_layers(self, available: Sequence[str]) -> list[str]:
-        """Layers that can leave vanilla at some step: the MIGC layers, and every attn2 with the naive fuser."""
+        """Layers that can leave vanilla at some step: the MIGC layers, and every attn2 with the naive
+        fuser or StructureDiffusion."""
+        if self.structure is not None:
+            return list(available)
         if self.conditioning.count == 0:
             return []
         if self.params.naive_steps > 0:
@@ -96,15 +105,22 @@ class MigcSession:
         mode: ShadingMode,
     ) -> torch.Tensor:
         """Cond rows ``x`` of images ``images`` (one index per row) through this layer's shading."""
+        structure = self.structure
+        if mode is ShadingMode.VANILLA:
+            return structure.forward(attn, x, context, images, self.step) if structure is not None else plain(x, context)
         shader = self._shaders.get(layer)
         if shader is None or shader.attn is not attn:
             block = self.weights.blocks.get(layer) if self.weights is not None else None
             shader = self._shaders[layer] = LayerShader(attn, plain, self.conditioning, block)
         shader.plain_forward = plain
+        global_heads = None
         if self.global_context is not None:
             context = self.global_context.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
+        elif structure is not None:  # the spans belong to the main prompt, which is this context
+            step = self.step
+            global_heads = lambda q: structure.heads(attn, q, context, images, step, shader.heads)  # noqa: E731
         perms = None
         if mode is ShadingMode.MIGC:
             gens = [self._generators[min(i, len(self._generators) - 1)] for i in images]
             perms = draw_sac_permutations(gens, x.device)
-        return shader(x, context, self.masks_for(x.shape[1], x), mode, perms=perms)
+        return shader(x, context, self.masks_for(x.shape[1], x), mode, perms=perms, global_heads=global_heads)

@@ -220,8 +220,12 @@ class LayerShader:
         mode: ShadingMode,
         perms: torch.Tensor | None = None,
         return_weights: bool = False,
+        global_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         """Cond rows ``x`` (B, HW, C) with their global ``context`` (B, L, D) -> output (B, HW, C).
+
+        ``global_heads(q)``: replaces the global branch's attention (per head, before to_out), e.g.
+        StructureDiffusion's; the instance branches are unchanged.
 
         ``perms`` (B, 28): SAC slot permutations for MIGC mode (see :func:`draw_sac_permutations`).
         With ``return_weights`` MIGC mode also returns the SAC softmax weights (B, N+2, H, W) for
@@ -237,9 +241,12 @@ class LayerShader:
         prep = self._prepared(x)
         attn, heads = self.attn, self.heads
         q = _heads(attn.to_q(x), heads)  # (B, h, HW, d): projected once for every context
-        a_global = F.scaled_dot_product_attention(
-            q, _heads(attn.to_k(context), heads), _heads(attn.to_v(context), heads)
-        )
+        if global_heads is not None:
+            a_global = global_heads(q)
+        else:
+            a_global = F.scaled_dot_product_attention(
+                q, _heads(attn.to_k(context), heads), _heads(attn.to_v(context), heads)
+            )
         a_inst = self._instance_attention(q, prep)  # (B, N, h, HW, d)
         a_all = _merge_heads(torch.cat([a_global[:, None], a_inst], dim=1))  # (B, N+1, HW, C)
         if mode is ShadingMode.NAIVE:

@@ -70,14 +70,40 @@ def build_panel(is_img2img: bool) -> list[Any]:
             draw_boxes = gr.Checkbox(False, label="Draw boxes on an extra output image", elem_id=f"{tab}_migc_draw_boxes")
             hires = gr.Checkbox(bool(settings.option("migc_default_hires")), label="Also in the hires-fix pass", elem_id=f"{tab}_migc_hires")
 
+        structure = _structure_group(gr, tab)
+
         def refresh_choices() -> Any:
             found = weight_files.list_weight_files(settings.models_dir())
             return gr.update(choices=found or [settings.option("migc_default_weights")])
 
         refresh.click(fn=refresh_choices, inputs=[], outputs=[weights])
-    components = [enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append, draw_boxes, hires]
+    components = [enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append, draw_boxes, hires, *structure]
     assert len(components) == len(UI_FIELDS)
     return components
+
+
+STRUCTURE_HELP = (
+    "StructureDiffusion (training-free attribute binding): each phrase is also encoded on its own and mixed into "
+    "the prompt's cross-attention, so 'a red car and a white sheep' keeps the red on the car. Works with MIGC or "
+    "alone (no boxes needed), on SD1.x and SD2.x. Phrases must appear in the prompt; those not found are listed "
+    "under the image. Default mode costs nothing per step; conjunction adds one attention map per phrase."
+)
+
+
+def _structure_group(gr: Any, tab: str) -> list[Any]:
+    """The StructureDiffusion fields, in :data:`lib_migc.params.STRUCTURE_UI_FIELDS` order."""
+    from .structure_params import CUSTOM, MODES, SOURCES
+
+    with gr.Group(elem_id=f"{tab}_migc_structure"):
+        with gr.Row():
+            enabled = gr.Checkbox(False, label="StructureDiffusion", elem_id=f"{tab}_migc_structure_enabled")
+            mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=f"{tab}_migc_structure_mode")
+            source = gr.Dropdown([*SOURCES, CUSTOM], value=SOURCES[0], label="Phrases from",
+                                 elem_id=f"{tab}_migc_structure_phrases")
+        custom = gr.Textbox(value="", lines=2, label="Custom phrases (one per line; used when 'Phrases from' is custom)",
+                            placeholder="a red car\na white sheep", elem_id=f"{tab}_migc_structure_custom")
+        gr.Markdown(STRUCTURE_HELP)
+    return [enabled, mode, source, custom]
 
 
 def _tool_button(gr: Any, label: str, elem_id: str) -> Any:

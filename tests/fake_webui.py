@@ -89,6 +89,15 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
         chunks = [ids[i:i + CHUNK] for i in range(0, max(len(ids), 1), CHUNK)] or [[]]
         return [[self.id_start] + c + [self.id_end] * (CHUNK + 1 - len(c)) for c in chunks]
 
+    def tokenize(self, texts):
+        """Token ids without BOS/EOS, like the real ``tokenize`` (the tokenizer with add_special_tokens=False)."""
+        return [[_token(w) for w in t.replace(",", " , ").split()] for t in texts]
+
+    def tokenize_line(self, line):
+        """``(chunks, token_count)`` with ``PromptChunk``-like chunks (``tokens``, ``multipliers``, ``fixes``)."""
+        chunks = [SimpleNamespace(tokens=c, multipliers=[1.0] * len(c), fixes=[]) for c in self.tokenize_chunks(line)]
+        return chunks, len(self.tokenize([line])[0])
+
     def forward(self, texts):
         batch = [self.tokenize_chunks(t) for t in texts]
         count = max(len(c) for c in batch)

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from ..patching import ForwardPatches
-from ..shading import ShadingMode
 from ..unet_layers import attn2_layers
 from .base import HooksBase
 
@@ -64,14 +63,14 @@ def unet_of(p: Any) -> nn.Module:
     return p.sd_model.model.diffusion_model
 
 
-def decline_reason(p: Any) -> str | None:
+def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     """What A1111 adds to the host-neutral checks: hypernetworks and edit models change attn2."""
     if getattr(p.sd_model, "cond_stage_key", None) == "edit":
-        return "MIGC was skipped: instruct-pix2pix (edit) checkpoints are not supported."
+        return f"{feature} was skipped: instruct-pix2pix (edit) checkpoints are not supported."
     from modules import shared
 
     if getattr(shared, "loaded_hypernetworks", None):
-        return "MIGC was skipped: a hypernetwork is active, and hypernetworks change cross-attention in a way MIGC does not support."
+        return f"{feature} was skipped: a hypernetwork is active, and hypernetworks change cross-attention in a way {feature} does not support."
     return None
 
 
@@ -126,7 +125,7 @@ class Hooks(HooksBase):
             if first:
                 rows.new_call(x.shape[0])
             mode = session.mode_for(name)
-            if mode is ShadingMode.VANILLA or context is None or context.shape[0] != x.shape[0]:
+            if not session.is_shaded(mode) or context is None or context.shape[0] != x.shape[0]:
                 return plain(x, context)
             count, images = rows.cond_part(x.shape[0])
             if count == 0:

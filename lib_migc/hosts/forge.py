@@ -37,7 +37,7 @@ def unet_of(p: Any) -> nn.Module:
     return p.sd_model.forge_objects.unet.model.diffusion_model
 
 
-def decline_reason(p: Any) -> str | None:
+def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     return None
 
 
@@ -121,7 +121,7 @@ class Hooks(HooksBase):
             layer = layer_of(extra_options.get("block"))
             if layer in layers:
                 mode = session.mode_for(layer)
-                if mode is not ShadingMode.VANILLA and extra_options.get("cond_indices"):
+                if session.is_shaded(mode) and extra_options.get("cond_indices"):
                     stash[layer] = (n, context, mode)
             return n, context, value
 

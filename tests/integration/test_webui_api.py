@@ -36,7 +36,7 @@ def test_script_is_listed_for_txt2img_and_img2img(webui):
     assert "migc" in [s.lower() for s in body["txt2img"]] and "migc" in [s.lower() for s in body["img2img"]]
     status, info = webui.request("/sdapi/v1/script-info")
     migc = [s for s in info if s["name"].lower() == "migc" and not s["is_img2img"]]
-    assert migc and len(migc[0]["args"]) == 10
+    assert migc and len(migc[0]["args"]) == 14
 
 
 def test_dict_form_changes_the_image_and_writes_the_infotext(webui, migc_result, plain_before):

@@ -110,3 +110,21 @@ def test_box_editor_drives_a_real_generation(page):
     shot = os.path.join(os.environ.get("MIGC_SCREENSHOTS", tempfile.gettempdir()), "migc_webui_generation.png")
     page.screenshot(path=shot, full_page=True)
     enabled.uncheck()
+
+
+def test_skipped_structure_phrases_are_told_under_the_image(page):
+    """Paste an infotext with StructureDiffusion (one phrase not in the prompt) and generate from the UI."""
+    migc = {"enabled": False, "instances": [], "structure": {"enabled": True, "mode": "default",
+                                                           "phrases": ["a red car", "a purple dog"]}}
+    text = json.dumps(json.dumps(migc, separators=(",", ":")))
+    infotext = f"a red car and a white sheep\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 256x256, MIGC: {text}"
+    page.locator("#txt2img_prompt textarea").fill(infotext)
+    page.locator("#txt2img_tools #paste, #txt2img_actions_column #paste").first.click()
+    page.wait_for_function("() => document.querySelector('#txt2img_migc_structure_enabled input').checked", timeout=30_000)
+    assert "a purple dog" in page.locator("#txt2img_migc_structure_custom textarea").input_value()
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function("() => Array.from(document.querySelectorAll('#html_log_txt2img, #html_info_txt2img, .comments'))"
+                           ".some(e => e.innerText.includes('a purple dog'))", timeout=600_000)
+    text = " ".join(page.locator(".comments, #html_log_txt2img").all_inner_texts())
+    assert "StructureDiffusion skipped phrase(s): 'a purple dog' (it is not in the prompt)" in text, text
+    page.locator("#txt2img_migc_structure_enabled input").uncheck()
