@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import settings, weights_store
+from . import fusion_job, settings, weights_store
 from .draw import draw_layout
 from .errors import MigcError
 from .params import INFOTEXT_KEY, UI_FIELDS, MigcParams, with_descriptions_appended
@@ -38,6 +38,7 @@ class Job:
     error: Exception | None = None
     session: MigcSession | None = None
     hooks: Any = None
+    fusion: Any = None  # MagicFusion's ride-along hooks (hosts.<host>_fusion.FusionHooks)
 
 
 _active: Job | None = None
@@ -47,10 +48,16 @@ def active_job() -> Job | None:
     return _active
 
 
+def _remove_hooks(job: Job) -> None:
+    for hooks in (job.hooks, job.fusion):
+        if hooks is not None:
+            hooks.remove()
+
+
 def _finish() -> None:
     global _active
-    if _active is not None and _active.hooks is not None:
-        _active.hooks.remove()
+    if _active is not None:
+        _remove_hooks(_active)
     _active = None
 
 
@@ -80,32 +87,36 @@ def structure_decline_reason(p: Any, host: ModuleType) -> str | None:
 
 
 def _asks_for_anything(args: tuple) -> bool:
-    """Whether the raw arguments enable MIGC or StructureDiffusion, even when they are otherwise invalid."""
+    """Whether the raw arguments enable MIGC, StructureDiffusion or MagicFusion, even when otherwise invalid."""
     if not args:
         return False
     first = args[0]
     if isinstance(first, dict):
-        structure = first.get("structure")
-        return first.get("enabled", True) is not False or (isinstance(structure, dict) and structure.get("enabled", True) is not False)
-    index = UI_FIELDS.index("structure_enabled")
-    return first is True or (len(args) > index and args[index] is True)
+        parts = [first.get(name) for name in ("structure", "magicfusion")]
+        return first.get("enabled", True) is not False or any(isinstance(d, dict) and d.get("enabled", True) is not False for d in parts)
+    switches = [UI_FIELDS.index(name) for name in ("structure_enabled", "fusion_enabled")]
+    return first is True or any(len(args) > i and args[i] is True for i in switches)
 
 
 def _effective(p: Any, params: MigcParams, host: ModuleType) -> MigcParams | None:
     """The parts that can run on this model (declines are told under the image); None if nothing can."""
     migc = params.enabled and len(params.layout) > 0
-    structure = params.structure.enabled
-    if params.enabled and not len(params.layout) and not structure:
+    structure, fusion = params.structure.enabled, params.magicfusion.enabled
+    if params.enabled and not len(params.layout) and not (structure or fusion):
         p.comment("MIGC is enabled but the layout has no instances: nothing to do.")
-    migc_reason = decline_reason(p, host) if migc else None
-    structure_reason = structure_decline_reason(p, host) if structure else None
-    for reason in filter(None, (migc_reason, structure_reason)):
+    reasons = {
+        "migc": decline_reason(p, host) if migc else None,
+        "structure": structure_decline_reason(p, host) if structure else None,
+        "fusion": fusion_job.decline_reason(p, host) if fusion else None,
+    }
+    for reason in filter(None, reasons.values()):
         p.comment(reason)
         log.warning("%s", reason)
-    migc, structure = migc and migc_reason is None, structure and structure_reason is None
-    if not (migc or structure):
+    migc, structure, fusion = (on and reasons[k] is None for on, k in ((migc, "migc"), (structure, "structure"), (fusion, "fusion")))
+    if not (migc or structure or fusion):
         return None
-    return replace(params, enabled=migc, structure=replace(params.structure, enabled=structure))
+    return replace(params, enabled=migc, structure=replace(params.structure, enabled=structure),
+                   magicfusion=replace(params.magicfusion, enabled=fusion))
 
 
 def process(p: Any, args: tuple, host: ModuleType) -> None:
@@ -120,17 +131,22 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
         _active = Job(p=p, params=MigcParams(enabled=True), host=host, error=exc)
         log.error("%s", exc)
         return
+    if not params.magicfusion.enabled:
+        fusion_job.free_model_b()
     params = _effective(p, params, host)
     if params is None:
         return
     job = _active = Job(p=p, params=params, host=host)
-    weights_hash = None
-    if params.enabled:
-        try:
+    weights_hash = model_b_hash = None
+    try:
+        if params.enabled:
             weights_hash = weights_store.short_hash(weights_store.resolve(settings.models_dir(), params.weights))
-        except MigcError as exc:
-            job.error = exc
-    p.extra_generation_params[INFOTEXT_KEY] = params.to_infotext(weights_hash=weights_hash)
+        if params.magicfusion.enabled:
+            fusion_job.check_job(p, params)
+            model_b_hash = fusion_job.model_b_hash(p, host, params.magicfusion.model_b)
+    except MigcError as exc:
+        job.error = exc
+    p.extra_generation_params[INFOTEXT_KEY] = params.to_infotext(weights_hash=weights_hash, model_b_hash=model_b_hash)
     if params.enabled and params.append_descriptions:
         descriptions = params.layout.descriptions
         for name in ("all_prompts", "all_hr_prompts"):
@@ -173,20 +189,30 @@ def before_sampling(p: Any) -> None:
     job = _active
     if job is None or job.p is not p:
         return
-    if job.hooks is not None:
-        job.hooks.remove()
+    _remove_hooks(job)
+    job.hooks = job.fusion = None
     hr_pass = bool(getattr(p, "is_hr_pass", False))
-    if hr_pass and not job.params.hires:
+    fusion = job.params.magicfusion
+    fusion_here = fusion.enabled and (not hr_pass or fusion.hires)
+    if hr_pass and not job.params.hires and not fusion_here:
         return
     if job.session is None:
         job.session = _prepare(job)
     from modules import devices
 
+    session = job.session
     width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
-    job.session.begin_pass(width, height, list(p.seeds), devices.device)
-    if job.params.structure.enabled and job.session.pending_error is None:
+    session.begin_pass(width, height, list(p.seeds), devices.device)
+    session.structure = None
+    if job.params.structure.enabled and session.pending_error is None and (not hr_pass or job.params.hires):
         _prepare_structure(job, hr_pass)
-    job.hooks = job.host.Hooks(job.session, on_error=_finish, is_current=lambda: _active is job)
+    if fusion_here and session.pending_error is None:
+        try:
+            job.fusion = fusion_job.install(job, hr_pass)
+        except MigcError as exc:
+            session.pending_error = exc
+    session.migc_off = hr_pass and not job.params.hires  # a hires pass for MagicFusion only
+    job.hooks = job.host.Hooks(session, on_error=_finish, is_current=lambda: _active is job)
     job.hooks.install(p)
 
 
@@ -237,20 +263,38 @@ def sampler_step(params: Any) -> tuple[int, int]:
 
 def on_cfg_denoiser(params: Any) -> None:
     """``script_callbacks.on_cfg_denoiser``: the step index and this step's row layout."""
-    job = _active
-    if job is None or job.hooks is None or not job.hooks.installed:
+    job = _job_of(params)
+    if job is None:
         return
+    if job.hooks is not None and job.hooks.installed:
+        step, steps = sampler_step(params)
+        job.hooks.on_cfg_step(step, steps, params)
+    if job.fusion is not None and job.fusion.installed:
+        job.fusion.on_cfg_step(params, fusion_job.guidance_of(params, job.p))
+
+
+def on_cfg_denoised(params: Any) -> None:
+    """``script_callbacks.on_cfg_denoised``: MagicFusion blends model B into the denoiser's output rows."""
+    job = _active
+    if job is not None and job.fusion is not None and job.fusion.installed:
+        job.fusion.on_cfg_denoised(params)
+
+
+def _job_of(params: Any) -> Job | None:
+    """The active job, if this CFG step is one of its own (not another extension's sampler)."""
+    job = _active
+    if job is None:
+        return None
     denoiser = getattr(params, "denoiser", None)
     if denoiser is not None and getattr(denoiser, "p", job.p) is not job.p:
-        return
-    step, steps = sampler_step(params)
-    job.hooks.on_cfg_step(step, steps, params)
+        return None
+    return job
 
 
 def after_batch(p: Any) -> None:
     job = _active
-    if job is not None and job.p is p and job.hooks is not None:
-        job.hooks.remove()
+    if job is not None and job.p is p:
+        _remove_hooks(job)
 
 
 def postprocess(p: Any, processed: Any) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import MigcError
 from .layout import Layout, parse_layout
+from .magicfusion_params import FusionParams
 from .structure_params import StructureParams
 
 DEFAULT_WEIGHTS = "MIGC_SD14.ckpt"
@@ -30,6 +31,7 @@ class MigcParams:
     convention: the global prompt names every instance).
     hires: run MIGC in the hires-fix pass too.
     structure: StructureDiffusion, which runs with MIGC or alone (``enabled`` is MIGC's own switch).
+    magicfusion: MagicFusion (a second checkpoint's noise blended in by saliency), with the others or alone.
     """
 
     enabled: bool = False
@@ -42,6 +44,7 @@ class MigcParams:
     draw_boxes: bool = False
     hires: bool = False
     structure: StructureParams = field(default_factory=StructureParams)
+    magicfusion: FusionParams = field(default_factory=FusionParams)
 
     # ------------------------------------------------------------------ formats
     @classmethod
@@ -56,11 +59,12 @@ class MigcParams:
             raise MigcError(f"MIGC: {len(args)} arguments given, at most {len(UI_FIELDS)} expected: {', '.join(UI_FIELDS)}.")
         values = dict(zip(UI_FIELDS, args))
         structure = StructureParams.from_ui(*(values.pop(name, None) for name in STRUCTURE_UI_FIELDS))
+        fusion = FusionParams.from_ui(*(values.pop(name, None) for name in FUSION_UI_FIELDS))
         global_prompt = values.pop("global_prompt", None)
         layout = parse_layout(values.pop("layout", None))
         if isinstance(global_prompt, str) and global_prompt.strip():
             layout = replace(layout, global_prompt=global_prompt.strip())
-        return cls._checked(layout=layout, structure=structure, **values)
+        return cls._checked(layout=layout, structure=structure, magicfusion=fusion, **values)
 
     @classmethod
     def from_api(cls, data: Mapping[str, Any]) -> "MigcParams":
@@ -76,18 +80,24 @@ class MigcParams:
         if "global_prompt" in values:
             layout_source["global_prompt"] = values.pop("global_prompt")
         structure = StructureParams.from_api(values.pop("structure", None))
-        return cls._checked(layout=parse_layout(layout_source), structure=structure, **values)
+        fusion = FusionParams.from_api(values.pop("magicfusion", None))
+        return cls._checked(layout=parse_layout(layout_source), structure=structure, magicfusion=fusion, **values)
 
     def to_api(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layout", "structure")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layout", "structure", "magicfusion")}
         out.update(self.layout.to_dict())
         if self.structure.enabled:
             out["structure"] = self.structure.to_api()
+        if self.magicfusion.enabled:
+            out["magicfusion"] = self.magicfusion.to_api()
         return out
 
-    def to_infotext(self, weights_hash: str | None = None) -> str:
-        """Compact JSON of every field but ``enabled`` (its presence means enabled), plus the weights' short hash."""
+    def to_infotext(self, weights_hash: str | None = None, model_b_hash: str | None = None) -> str:
+        """Compact JSON of every field but ``enabled`` (its presence means enabled), plus the short hashes of
+        the MIGC weights and of MagicFusion's model B."""
         data = self.to_api()
+        if model_b_hash and "magicfusion" in data:
+            data["magicfusion"]["model_b_hash"] = model_b_hash
         if data["enabled"]:
             del data["enabled"]  # kept only as false: StructureDiffusion alone
         if weights_hash:
@@ -103,6 +113,8 @@ class MigcParams:
         if not isinstance(data, dict):
             raise MigcError(f"MIGC: the infotext entry {INFOTEXT_KEY!r} must be a JSON object.")
         data.pop("weights_hash", None)
+        if isinstance(data.get("magicfusion"), dict):
+            data["magicfusion"].pop("model_b_hash", None)
         return cls.from_api({"enabled": True, **data})
 
     def ui_values(self) -> list[Any]:
@@ -111,7 +123,7 @@ class MigcParams:
         return [
             self.enabled, self.weights, layout.to_json() if len(layout) else "", self.migc_steps, self.naive_steps,
             self.use_main_prompt, self.layout.global_prompt or "", self.append_descriptions, self.draw_boxes, self.hires,
-            *self.structure.ui_values(),
+            *self.structure.ui_values(), *self.magicfusion.ui_values(),
         ]
 
     # ------------------------------------------------------------------ validation
@@ -139,12 +151,15 @@ UI_FIELDS: tuple[str, ...] = (
     "enabled", "weights", "layout", "migc_steps", "naive_steps", "use_main_prompt", "global_prompt",
     "append_descriptions", "draw_boxes", "hires",
     "structure_enabled", "structure_mode", "structure_phrases", "structure_custom",
+    "fusion_enabled", "fusion_model_b", "fusion_prompt_b", "fusion_k_a", "fusion_k_b", "fusion_window_mode",
+    "fusion_switch_t", "fusion_hires",
 )
-STRUCTURE_UI_FIELDS = UI_FIELDS[-4:]
+STRUCTURE_UI_FIELDS = UI_FIELDS[-12:-8]
+FUSION_UI_FIELDS = UI_FIELDS[-8:]
 #: API dict form.
 API_FIELDS: tuple[str, ...] = (
     "enabled", "weights", "instances", "global_prompt", "migc_steps", "naive_steps", "use_main_prompt",
-    "append_descriptions", "draw_boxes", "hires", "structure",
+    "append_descriptions", "draw_boxes", "hires", "structure", "magicfusion",
 )
 
 

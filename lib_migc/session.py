@@ -50,6 +50,7 @@ class MigcSession:
         self._generators: list[torch.Generator] = []
         self._shaders: dict[str, LayerShader] = {}
         self.structure: StructureRuntime | None = None  # StructureDiffusion on the cond rows of every attn2
+        self.migc_off = False  # a pass where only other modes run (e.g. MagicFusion's hires pass)
 
     # ------------------------------------------------------------------ pass / step
     def begin_pass(self, width: int, height: int, seeds: Sequence[int], device: torch.device) -> None:
@@ -64,7 +65,7 @@ class MigcSession:
 
     def mode_for(self, layer: str) -> ShadingMode:
         """MIGC on layers with weights up to the MIGC step limit, then the naive fuser up to its limit."""
-        if self.conditioning.count == 0:
+        if self.conditioning.count == 0 or self.migc_off:
             return ShadingMode.VANILLA
         has_block = self.weights is not None and layer in self.weights.blocks
         if has_block and self.step <= step_limit(self.params.migc_steps, self.total_steps):
@@ -82,7 +83,7 @@ class MigcSession:
         fuser or StructureDiffusion."""
         if self.structure is not None:
             return list(available)
-        if self.conditioning.count == 0:
+        if self.conditioning.count == 0 or self.migc_off:
             return []
         if self.params.naive_steps > 0:
             return list(available)

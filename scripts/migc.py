@@ -45,4 +45,5 @@ class MigcScript(scripts.Script):
 
 
 script_callbacks.on_cfg_denoiser(job.on_cfg_denoiser)
+script_callbacks.on_cfg_denoised(job.on_cfg_denoised)
 script_callbacks.on_ui_settings(settings.register)

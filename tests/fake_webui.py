@@ -31,6 +31,33 @@ class CFGDenoiserParams:  # modules.script_callbacks.CFGDenoiserParams
         self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
 
 
+class CFGDenoisedParams:  # modules.script_callbacks.CFGDenoisedParams
+    def __init__(self, x, sampling_step, total_sampling_steps, inner_model):
+        self.x, self.sampling_step, self.total_sampling_steps, self.inner_model = x, sampling_step, total_sampling_steps, inner_model
+
+
+class CheckpointInfo:  # modules.sd_models.CheckpointInfo (the attributes MagicFusion reads)
+    def __init__(self, filename, sha256="0123456789abcdef"):
+        import os
+
+        self.filename = filename
+        self.name = os.path.basename(filename)
+        self.model_name = os.path.splitext(self.name)[0]
+        self.sha256 = sha256
+        self.shorthash = sha256[:10]
+        self.title = f"{self.name} [{self.shorthash}]"
+
+    def calculate_shorthash(self):
+        return self.shorthash
+
+
+def register_checkpoint(path: str, sha256: str = "0123456789abcdef") -> CheckpointInfo:
+    """Add a file to the fake ``modules.sd_models`` checkpoint list."""
+    info = CheckpointInfo(path, sha256)
+    sys.modules["modules.sd_models"].checkpoints_list[info.title] = info
+    return info
+
+
 class Options(SimpleNamespace):
     def add_option(self, key, info):
         setattr(self, key, info.default)
@@ -54,13 +81,28 @@ def install_fake_modules(models_dir: str) -> types.ModuleType:
     paths.models_path = models_dir
     callbacks = types.ModuleType("modules.script_callbacks")
     callbacks.CFGDenoiserParams = CFGDenoiserParams
-    callbacks.registered = {"cfg_denoiser": [], "ui_settings": []}
+    callbacks.CFGDenoisedParams = CFGDenoisedParams
+    callbacks.registered = {"cfg_denoiser": [], "cfg_denoised": [], "ui_settings": []}
     callbacks.on_cfg_denoiser = lambda fn, *, name=None: callbacks.registered["cfg_denoiser"].append(fn)
+    callbacks.on_cfg_denoised = lambda fn, *, name=None: callbacks.registered["cfg_denoised"].append(fn)
     callbacks.on_ui_settings = lambda fn, *, name=None: callbacks.registered["ui_settings"].append(fn)
     scripts = types.ModuleType("modules.scripts")
     scripts.AlwaysVisible = object()
     scripts.Script = type("Script", (), {})
-    for name, module in (("shared", shared), ("devices", devices), ("paths", paths), ("script_callbacks", callbacks), ("scripts", scripts)):
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.checkpoints_list = {}
+
+    def get_closet_checkpoint_match(search_string):
+        for info in sd_models.checkpoints_list.values():
+            if search_string in (info.title, info.name, info.model_name, info.shorthash, info.sha256):
+                return info
+        found = sorted((i for i in sd_models.checkpoints_list.values() if search_string in i.title), key=lambda i: len(i.title))
+        return found[0] if found else None
+
+    sd_models.get_closet_checkpoint_match = get_closet_checkpoint_match
+    sd_models.checkpoint_tiles = lambda use_short=False: sorted(sd_models.checkpoints_list)
+    for name, module in (("shared", shared), ("devices", devices), ("paths", paths), ("script_callbacks", callbacks),
+                         ("scripts", scripts), ("sd_models", sd_models)):
         setattr(pkg, name, module)
         sys.modules[f"modules.{name}"] = module
     sys.modules["modules"] = pkg

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lib_migc.errors import MigcError
-from lib_migc.magicfusion import (A_THEN_SNB, ATTN2_TO_K_KEY, INPUT_CONV_KEY, SNB_THEN_A, FusionWindow,
-                                  MagicFusionParams, check_pair, ddim_timestep, fused_at_timestep,
-                                  fused_step_count, in_fusion_window, load_unet_state, snb_blend,
-                                  snb_blend_denoised, state_shapes)
+from lib_migc.magicfusion import snb_blend, snb_blend_denoised
+from lib_migc.magicfusion_params import (A_THEN_SNB, SNB_THEN_A, FusionWindow, MagicFusionParams, ddim_timestep,
+                                         fused_at_timestep, fused_step_count, in_fusion_window)
+from lib_migc.magicfusion_weights import ATTN2_TO_K_KEY, INPUT_CONV_KEY, check_pair, load_unet_state, state_shapes
 
 CASE = "c1_64x64_b1_s7.5_k1"
 EPS_NAMES = ("eps_a_cond", "eps_a_uncond", "eps_b_cond", "eps_b_uncond")

@@ -204,14 +204,19 @@ def test_structure_parameters_api_panel_and_infotext():
     values = params.ui_values()
     assert len(values) == len(UI_FIELDS)
     assert MigcParams.from_ui(*values) == params
-    assert MigcParams.from_ui(*values[:-4], True, "default", "custom", "a red car\na white sheep").structure.phrases == ("a red car", "a white sheep")
+    def with_structure(*fields):
+        out, i = list(values), UI_FIELDS.index("structure_enabled")
+        out[i:i + 4] = fields
+        return out
+
+    assert MigcParams.from_ui(*with_structure(True, "default", "custom", "a red car\na white sheep")).structure.phrases == ("a red car", "a white sheep")
     for bad, words in [({"mode": "fast"}, "field 'mode' = 'fast'"), ({"phrases": []}, "field 'phrases'"),
                        ({"phrases": "nouns"}, "field 'phrases' = 'nouns'"), ({"colour": 1}, "unknown field(s) 'colour'"),
                        ({"enabled": "yes"}, "field 'enabled' must be true or false")]:
         with pytest.raises(MigcError, match=words.replace("(", r"\(").replace(")", r"\)")):
             MigcParams.from_api({"structure": {"enabled": True, **bad}})
     with pytest.raises(MigcError, match="custom"):
-        MigcParams.from_ui(*values[:-4], True, "default", "custom", "  ")
+        MigcParams.from_ui(*with_structure(True, "default", "custom", "  "))
 
 
 def test_and_prompts_stop_the_job_with_a_clear_error(webui_modules, unet, text_model):

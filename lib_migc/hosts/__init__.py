@@ -24,3 +24,17 @@ def current() -> ModuleType:
     from . import a1111
 
     return a1111
+
+
+def fusion_adapter(host: ModuleType) -> ModuleType | None:
+    """MagicFusion's adapter for ``host`` (it holds a second UNet, which each host does its own way)."""
+    name = host.__name__.rsplit(".", 1)[-1]
+    if name == "a1111":
+        from . import a1111_fusion
+
+        return a1111_fusion
+    if name == "forge":
+        from . import forge_fusion
+
+        return forge_fusion
+    return None

@@ -1,0 +1,80 @@
+"""MagicFusion's part of a WebUI job: decline or describe it, load model B, install the ride-along.
+
+Kept apart from :mod:`lib_migc.job` so the mode is one module: ``job`` calls these at the same points
+as its own steps (process, before each sampling pass, the CFG callbacks, cleanup). Failures become
+the session's pending error, raised by the first hooked UNet call like MIGC's own.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from .errors import MigcError
+from .hosts import fusion_adapter
+from .magicfusion_params import SAME
+from .magicfusion_runtime import MODEL_B, FusionRuntime
+
+log = logging.getLogger("migc")
+
+
+def decline_reason(p: Any, host: Any) -> str | None:
+    """MagicFusion blends two SD1.x ε-prediction UNets; anything else is told under the image."""
+    model = p.sd_model
+    if not getattr(model, "is_sd1", False):
+        return ("MagicFusion was skipped: it pairs two SD1.x checkpoints (same latent space and text context), and the "
+                "loaded model is not SD1.x.")
+    if fusion_adapter(host) is None:
+        return "MagicFusion was skipped: this WebUI is not supported."
+    return None
+
+
+def check_job(p: Any, params: Any) -> None:
+    """What must hold before sampling (raised as the job's error): no AND, and 'same' only alone."""
+    prompts = getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")]
+    if any(re.search(r"\bAND\b", text or "") for text in prompts):
+        raise MigcError("MagicFusion does not support AND sub-prompts (its saliency needs one cond row per image); "
+                        "remove AND from the prompt or turn MagicFusion off.")
+    if params.magicfusion.model_b == SAME and (params.enabled or params.structure.enabled):
+        raise MigcError("MagicFusion with model B \"same\" re-runs the loaded UNet, which MIGC/StructureDiffusion are "
+                        "hooked into; use it alone, or pick a second checkpoint.")
+
+
+def model_b_hash(p: Any, host: Any, title: str) -> str | None:
+    """The short hash recorded in the infotext ('same': none)."""
+    if title == SAME:
+        return None
+    return fusion_adapter(host).model_b_info(title)[1]
+
+
+def free_model_b() -> None:
+    """A job without MagicFusion frees model B's UNet (about 1.7 GB in fp16)."""
+    MODEL_B.clear()
+
+
+def install(job: Any, hr_pass: bool) -> Any:
+    """Load model B and encode prompt B for this pass, then install the ride-along; returns the hooks."""
+    from modules import devices
+
+    p, params = job.p, job.params.magicfusion
+    adapter = fusion_adapter(job.host)
+    unet_b = None
+    if params.model_b != SAME:
+        unet_b, _, _ = adapter.load_model_b(p, params.model_b)
+    prompt_b = None
+    if params.prompt_b:
+        with devices.autocast():
+            cond = p.sd_model.get_learned_conditioning([params.prompt_b])
+        prompt_b = (cond["crossattn"] if isinstance(cond, dict) else cond)[0].detach()
+    hooks = adapter.FusionHooks(FusionRuntime(params, unet_b, prompt_b), is_current=lambda: job.fusion is hooks)
+    hooks.install(p)
+    return hooks
+
+
+def guidance_of(params: Any, p: Any) -> float:
+    """The CFG scale the denoiser uses this step (A1111: the sampler's cond_scale times its multiplier)."""
+    denoiser = getattr(params, "denoiser", None)
+    extra = getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", None)
+    if isinstance(extra, dict) and "cond_scale" in extra:
+        return float(extra["cond_scale"]) * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
+    return float(getattr(p, "cfg_scale", 7.0))

@@ -1,0 +1,118 @@
+"""MagicFusion during sampling, for either host: model B's cache, the window gate and the row blend.
+
+The hosts hand over what their CFG denoiser produced for model A (cond rows then uncond rows, as
+denoised predictions ``D = x − σ·ε`` on k-diffusion samplers or as ε on timestep samplers) and
+model B's raw UNet outputs for the same rows; :func:`blend_rows` selects per pixel, row by row, so
+the host's own CFG combine then yields ``M·CFG_B + (1 − M)·CFG_A`` and every later step (inpaint mask
+blending, previews, other extensions) keeps working.
+"""
+from __future__ import annotations
+
+import gc
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .magicfusion import select_by_mask, snb_mask
+from .magicfusion_params import FusionParams, fused_at_timestep
+
+
+class ModelBCache:
+    """The one model B kept between jobs (its UNet is ~1.7 GB in fp16), keyed by file, main model,
+    device and dtype; :meth:`clear` frees it when MagicFusion is off or the main model changed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._value: Any = None
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._key != key:
+                self._drop()
+                self._value = build()
+                self._key = key
+            return self._value
+
+    @property
+    def loaded(self) -> bool:
+        return self._value is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        had = self._value is not None
+        self._key, self._value = None, None
+        if had:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+MODEL_B = ModelBCache()
+
+
+@dataclass
+class FusionRuntime:
+    """One pass: the parameters, model B's UNet (``None``: the loaded model itself, with prompt B) and
+    prompt B's encoding (``None``: B sees the same prompt as A)."""
+
+    params: FusionParams
+    unet_b: nn.Module | None
+    prompt_b: torch.Tensor | None = None  # (L, D)
+
+    def fused(self, timestep: float) -> bool:
+        """Whether SNB runs at the DDPM timestep the UNet sees (outside the window B is not run at all)."""
+        return fused_at_timestep(float(timestep), self.params.numbers.window)
+
+    def context_b(self, context: torch.Tensor, cond_rows: int) -> torch.Tensor:
+        """B's context for a UNet call whose first ``cond_rows`` rows are cond rows: prompt B there."""
+        if self.prompt_b is None or cond_rows == 0:
+            return context
+        prompt = self.prompt_b.to(device=context.device, dtype=context.dtype)
+        if prompt.shape[0] != context.shape[1]:
+            from .errors import MigcError
+
+            raise MigcError(f"MagicFusion: prompt B takes {prompt.shape[0] // 77} chunk(s) of 75 tokens but the main prompt "
+                            f"takes {context.shape[1] // 77}; make them the same length class (e.g. add BREAK or shorten one).")
+        out = context.clone()
+        out[:cond_rows] = prompt
+        return out
+
+
+def blend_rows(
+    x_out: torch.Tensor,
+    out_b: torch.Tensor,
+    x_in: torch.Tensor,
+    sigma_in: torch.Tensor | None,
+    images: int,
+    guidance: float,
+    params: FusionParams,
+) -> torch.Tensor | None:
+    """Blend one CFG step in place; returns B's mask (images, H, W), or None when it cannot apply.
+
+    ``x_out``/``x_in``: the denoiser's rows, ``images`` cond rows then ``images`` uncond rows.
+    ``out_b``: model B's UNet outputs (ε) for the same rows. ``sigma_in`` given: ``x_out`` holds
+    denoised predictions ``D = x − σ·ε`` (k-diffusion); None: ``x_out`` holds ε (timestep samplers).
+    A cond row and its uncond row take B's values at the same pixels.
+    """
+    if x_out.shape[0] != 2 * images or out_b.shape != x_out.shape:
+        return None  # uncond skipped (no saliency without it) or AND sub-prompts: A only
+    work = torch.promote_types(x_out.dtype, torch.float32)
+    if sigma_in is not None:
+        sigma = sigma_in.to(work).view(-1, 1, 1, 1)
+        eps_a = (x_in.to(work) - x_out.to(work)) / sigma
+        values_b = (x_in.to(work) - sigma * out_b.to(work)).to(x_out.dtype)
+    else:
+        eps_a, values_b = x_out.to(work), out_b.to(x_out.dtype)
+    n = images
+    numbers = params.numbers
+    mask = snb_mask(eps_a[:n], eps_a[n:], out_b[:n].to(work), guidance, numbers.k_a, numbers.k_b)
+    x_out[:n] = select_by_mask(mask, x_out[:n], values_b[:n])
+    x_out[n:] = select_by_mask(mask, x_out[n:], values_b[n:])
+    return mask
