@@ -12,9 +12,7 @@ UNet batches); this shows how much the blend itself adds. Latents: 1×4×64×64 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,23 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import device_setup, median_ms  # noqa: E402
+
 from lib_migc.magicfusion import cfg, snb_blend, snb_blend_denoised  # noqa: E402
 
 SHAPES = ((1, 4, 64, 64), (2, 4, 96, 128))
 GUIDANCE, K_A, K_B = 7.5, 1.0, 1.0
 
 
-def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    """Median wall time of ``fn`` in milliseconds after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -59,11 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, dtype, sync = device_setup(args)
     torch.manual_seed(0)
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"repeats={args.repeats}")

@@ -13,9 +13,7 @@ Prints median-time ratios measured in this one run and the FLOPs of each call
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import device_setup, median_ms  # noqa: E402
 
 from lib_migc.masks import MaskCache  # noqa: E402
 from lib_migc.modules import MIGCBlock  # noqa: E402
@@ -49,16 +49,6 @@ class Attn2(torch.nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(-2))
 
 
-def median_ms(fn, repeats: int, sync) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def flops(fn) -> float:
@@ -75,11 +65,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--instances", default="1,2,4,6,8,16")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, dtype, sync = device_setup(args)
     torch.manual_seed(0)
     attn = Attn2().to(device, dtype).eval()
     block = MIGCBlock(C).to(device, dtype).eval()

@@ -93,26 +93,31 @@ def blend_rows(
     images: int,
     guidance: float,
     params: FusionParams,
+    b_denoised: bool = False,
 ) -> torch.Tensor | None:
     """Blend one CFG step in place; returns B's mask (images, H, W), or None when it cannot apply.
 
     ``x_out``/``x_in``: the denoiser's rows, ``images`` cond rows then ``images`` uncond rows.
-    ``out_b``: model B's UNet outputs (ε) for the same rows. ``sigma_in`` given: ``x_out`` holds
-    denoised predictions ``D = x − σ·ε`` (k-diffusion); None: ``x_out`` holds ε (timestep samplers).
+    ``out_b``: model B's UNet outputs (ε) for the same rows, or with ``b_denoised`` its denoised
+    predictions (Forge). ``sigma_in`` given: ``x_out`` holds denoised predictions ``D = x − σ·ε``
+    (k-diffusion, Forge); None: ``x_out`` holds ε (timestep samplers).
     A cond row and its uncond row take B's values at the same pixels.
     """
     if x_out.shape[0] != 2 * images or out_b.shape != x_out.shape:
         return None  # uncond skipped (no saliency without it) or AND sub-prompts: A only
     work = torch.promote_types(x_out.dtype, torch.float32)
     if sigma_in is not None:
-        sigma = sigma_in.to(work).view(-1, 1, 1, 1)
-        eps_a = (x_in.to(work) - x_out.to(work)) / sigma
-        values_b = (x_in.to(work) - sigma * out_b.to(work)).to(x_out.dtype)
+        sigma, x = sigma_in.to(work).view(-1, 1, 1, 1), x_in.to(work)
+        eps_a = (x - x_out.to(work)) / sigma
+        if b_denoised:
+            eps_b, values_b = (x - out_b.to(work)) / sigma, out_b.to(x_out.dtype)
+        else:
+            eps_b, values_b = out_b.to(work), (x - sigma * out_b.to(work)).to(x_out.dtype)
     else:
-        eps_a, values_b = x_out.to(work), out_b.to(x_out.dtype)
+        eps_a, eps_b, values_b = x_out.to(work), out_b.to(work), out_b.to(x_out.dtype)
     n = images
     numbers = params.numbers
-    mask = snb_mask(eps_a[:n], eps_a[n:], out_b[:n].to(work), guidance, numbers.k_a, numbers.k_b)
+    mask = snb_mask(eps_a[:n], eps_a[n:], eps_b[:n], guidance, numbers.k_a, numbers.k_b)
     x_out[:n] = select_by_mask(mask, x_out[:n], values_b[:n])
     x_out[n:] = select_by_mask(mask, x_out[n:], values_b[n:])
     return mask

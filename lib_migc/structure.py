@@ -4,8 +4,8 @@ Built once per sampling pass from the host's own text engine, so spans point at 
 the context the UNet gets (emphasis, BREAK, textual inversion, chunking) and phrase states come from
 the same encoder (clip skip, LoRA in the text encoder). The cond rows' context ``E`` is never
 re-encoded: the overlays are pasted onto the rows the hooks receive, and the value context ``Ē`` is
-built from the overlays in place of ``E``'s own values, so the default mode adds no attention work
-to a step (only a few row additions). With prompt editing the prompt
+built from the overlays in place of ``E``'s own values once per UNet call and shared by its layers, so
+the default mode adds no attention work to a step (only a few row additions). With prompt editing the prompt
 changes between steps; spans are found for every schedule segment and picked by the current step.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import MigcError
-from .structure_attention import CHUNK_TOKENS, Overlay, structured_forward, structured_heads
+from .structure_attention import CHUNK_TOKENS, Overlay, mean_value_context, structured_forward, structured_heads
 from .structure_params import StructureParams
 from .structure_spans import find_spans, phrases_from_descriptions, split_prompt, vocab_from_tokenizer
 
@@ -35,6 +35,7 @@ class StructureRuntime:
     mode: str
     image_segments: list[Segments]  # one entry per image of the batch
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    _value: tuple[tuple, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def phrase_count(self) -> int:
@@ -64,15 +65,32 @@ class StructureRuntime:
             parts.update(zip(index, run(index, overlays).unbind(0)))
         return torch.stack([parts[i] for i in range(rows)])
 
+    def value_context(self, context: torch.Tensor, overlays: list[Overlay]) -> torch.Tensor | None:
+        """``Ē`` for these context rows, built once per UNet call: every layer of the call gets the same
+        rows, so they are recognised by storage, shape and version (the cached tensor is held, so its
+        memory cannot be reused by another tensor meanwhile). None in conjunction mode."""
+        if self.mode != "default":
+            return None
+        key = (context.data_ptr(), tuple(context.shape), context.stride(), context._version, context.dtype, id(overlays))
+        if self._value is None or self._value[0] != key:
+            self._value = (key, context, mean_value_context(context, overlays))
+        return self._value[2]
+
     def forward(self, attn: nn.Module, x: torch.Tensor, context: torch.Tensor, images: Sequence[int], step: int) -> torch.Tensor:
         """attn2 output (after to_out) of cond rows ``x`` with their prompt context ``context``."""
-        return self._per_group(images, step, x.shape[0],
-                               lambda idx, o: structured_forward(attn, x[idx], context[idx], o, self.mode))
+        def run(idx: Any, o: list[Overlay]) -> torch.Tensor:
+            rows = context[idx]
+            return structured_forward(attn, x[idx], rows, o, self.mode, self.value_context(rows, o))
+
+        return self._per_group(images, step, x.shape[0], run)
 
     def heads(self, attn: nn.Module, q: torch.Tensor, context: torch.Tensor, images: Sequence[int], step: int, heads: int) -> torch.Tensor:
         """Per-head output before to_out (MIGC's global branch)."""
-        return self._per_group(images, step, q.shape[0],
-                               lambda idx, o: structured_heads(attn, q[idx], context[idx], o, self.mode, heads))
+        def run(idx: Any, o: list[Overlay]) -> torch.Tensor:
+            rows = context[idx]
+            return structured_heads(attn, q[idx], rows, o, self.mode, heads, self.value_context(rows, o))
+
+        return self._per_group(images, step, q.shape[0], run)
 
 
 # ---------------------------------------------------------------------------------------- host text engine

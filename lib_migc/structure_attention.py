@@ -92,12 +92,14 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def structured_heads(
-    attn: nn.Module, q: torch.Tensor, full: torch.Tensor, overlays: Sequence[Overlay], mode: str, heads: int
+    attn: nn.Module, q: torch.Tensor, full: torch.Tensor, overlays: Sequence[Overlay], mode: str, heads: int,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head attention output (B, h, HW, d) of query heads ``q`` against the structured prompt.
 
     The same result :class:`lib_migc.shading.LayerShader` needs for MIGC's global branch and the plain
     layers need before ``to_out``; softmax runs in SDPA (fp32 accumulation for half inputs).
+    ``value``: ``Ē`` already built for ``full`` (default mode), so the layers of one UNet call share it.
     """
     if mode == "conjunction":
         key_sets, value = conjunction_sets(full, overlays)
@@ -106,15 +108,16 @@ def structured_heads(
         v = _heads(attn.to_v(value), heads)  # (B, h, L, d)
         out = F.scaled_dot_product_attention(q.expand(n, *q.shape), k, v.expand(n, *v.shape))
         return out.mean(0)
-    value = mean_value_context(full, overlays)
+    value = mean_value_context(full, overlays) if value is None else value
     return F.scaled_dot_product_attention(q, _heads(attn.to_k(full), heads), _heads(attn.to_v(value), heads))
 
 
-def structured_forward(attn: nn.Module, x: torch.Tensor, full: torch.Tensor, overlays: Sequence[Overlay], mode: str) -> torch.Tensor:
+def structured_forward(attn: nn.Module, x: torch.Tensor, full: torch.Tensor, overlays: Sequence[Overlay], mode: str,
+                       value: torch.Tensor | None = None) -> torch.Tensor:
     """The whole attn2 output (after ``to_out``) for cond rows ``x`` whose prompt encoding is ``full``."""
     heads = attn.heads
     q = _heads(attn.to_q(x), heads)
-    out = structured_heads(attn, q, full, overlays, mode, heads)
+    out = structured_heads(attn, q, full, overlays, mode, heads, value)
     return attn.to_out(out.transpose(1, 2).flatten(-2))
 
 

@@ -29,28 +29,129 @@ def attention_function(q, k, v, heads, mask=None):
     return F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask).transpose(1, 2).flatten(-2)
 
 
+class CONDCrossAttn:  # backend.conditioning's cross-attention condition: the context tensor in ``.cond``
+    def __init__(self, cond):
+        self.cond = cond
+
+
+def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
+    """backend.sampling.sampling_function.calc_cond_uncond_batch for whole-image conditions: every cond and
+    uncond entry's ``model_conds['c_crossattn']`` through ``model.apply_model`` in one batch (uncond first,
+    as Forge batches them), returning the (cond, uncond) denoised predictions."""
+    entries = [(1, e) for e in (uncond or [])] + [(0, e) for e in cond]
+    n = x_in.shape[0]
+    x = torch.cat([x_in] * len(entries))
+    t = torch.cat([timestep] * len(entries))
+    ctx = torch.cat([e["model_conds"]["c_crossattn"].cond for _, e in entries])
+    options = dict(model_options.get("transformer_options", {}), cond_or_uncond=[c for c, _ in entries])
+    out = model.apply_model(x, t, c_crossattn=ctx, transformer_options=options).chunk(len(entries))
+    pick = lambda which: torch.stack([o for (c, _), o in zip(entries, out) if c == which]).mean(0) if any(c == which for c, _ in entries) else None  # noqa: E731
+    return pick(0), (pick(1) if uncond is not None else torch.zeros_like(x_in[:n]))
+
+
+def sampling_function_inner(patcher, x, timestep, uncond, cond, cond_scale):
+    """The order of Forge's sampling function: conditioning modifiers, A's predictions, CFG, post-CFG functions."""
+    model, options, seed = patcher.model, patcher.model_options, None
+    for modifier in options.get("conditioning_modifiers", []):
+        model, x, timestep, uncond, cond, cond_scale, options, seed = modifier(model, x, timestep, uncond, cond, cond_scale, options, seed)
+    uncond_ = None if cond_scale == 1.0 else uncond
+    cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, options)
+    result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    for fn in options.get("sampler_post_cfg_function", []):
+        result = fn({"denoised": result, "cond": cond, "uncond": uncond_, "model": model, "uncond_denoised": uncond_pred,
+                     "cond_denoised": cond_pred, "sigma": timestep, "model_options": options, "input": x})
+    return result
+
+
+class EpsPredictor:
+    """backend.modules.k_prediction for SD1 (ε, scaled-linear β 0.00085..0.012): σ <-> t by log-σ interpolation."""
+
+    def __init__(self):
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        alphas = torch.cumprod(1 - betas, 0)
+        self.log_sigmas = (((1 - alphas) / alphas) ** 0.5).log().float()
+
+    def timestep(self, sigma):
+        log_sigma = torch.as_tensor(sigma).float().log()
+        dists = log_sigma.reshape(-1, 1) - self.log_sigmas[None]
+        low = dists.ge(0).cumsum(1).argmax(1).clamp(max=998)
+        w = ((self.log_sigmas[low] - log_sigma.reshape(-1)) / (self.log_sigmas[low] - self.log_sigmas[low + 1])).clamp(0, 1)
+        return ((1 - w) * low + w * (low + 1)).reshape(torch.as_tensor(sigma).shape)
+
+    def calculate_input(self, sigma, x):
+        return x / (sigma.reshape(-1, 1, 1, 1) ** 2 + 1) ** 0.5
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return model_input - model_output * sigma.reshape(-1, 1, 1, 1)
+
+
+class KModel(torch.nn.Module):
+    """backend.modules.k_model.KModel: the UNet behind an ε predictor (``apply_model`` returns denoised x0)."""
+
+    def __init__(self, diffusion_model):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+        self.predictor = EpsPredictor()
+        self.computation_dtype = next(diffusion_model.parameters()).dtype
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        out = self.diffusion_model(self.predictor.calculate_input(t, x), self.predictor.timestep(t).float(), context=c_crossattn)
+        return self.predictor.calculate_denoised(t, out, x)
+
+    def memory_required(self, input_shape):
+        return 0
+
+
 @contextmanager
 def backend_modules():
-    """``backend.attention`` as Forge has it, for the adapter's import of Forge's attention function."""
+    """``backend.attention`` and ``backend.sampling.sampling_function`` as Forge has them."""
     backend = types.ModuleType("backend")
     backend.__path__ = []
     attention = types.ModuleType("backend.attention")
     attention.attention_function = attention_function
     backend.attention = attention
-    sys.modules.update({"backend": backend, "backend.attention": attention})
+    sampling = types.ModuleType("backend.sampling")
+    sampling.__path__ = []
+    sampling_function = types.ModuleType("backend.sampling.sampling_function")
+    sampling_function.calc_cond_uncond_batch = calc_cond_uncond_batch
+    modules = {"backend": backend, "backend.attention": attention, "backend.sampling": sampling,
+               "backend.sampling.sampling_function": sampling_function}
+    sys.modules.update(modules)
     try:
         yield
     finally:
-        del sys.modules["backend"], sys.modules["backend.attention"]
+        for name in modules:
+            del sys.modules[name]
 
 
 class UnetPatcher:
     def __init__(self, model, model_options=None):
         self.model = model
         self.model_options = model_options or {"transformer_options": {}}
+        self.extra_torch_modules_during_sampling = []
 
     def clone(self):
-        return UnetPatcher(self.model, copy.deepcopy(self.model_options))
+        clone = UnetPatcher(self.model, copy.deepcopy(self.model_options))
+        clone.extra_torch_modules_during_sampling = list(self.extra_torch_modules_during_sampling)
+        return clone
+
+    def append_model_option(self, k, v, ensure_uniqueness=False):
+        if k not in self.model_options:
+            self.model_options[k] = []
+        if ensure_uniqueness and v in self.model_options[k]:
+            return
+        self.model_options[k].append(v)
+
+    def add_conditioning_modifier(self, modifier, ensure_uniqueness=False):
+        self.append_model_option("conditioning_modifiers", modifier, ensure_uniqueness)
+
+    def set_model_sampler_post_cfg_function(self, post_cfg_function, disable_cfg1_optimization=False):
+        self.model_options["sampler_post_cfg_function"] = self.model_options.get("sampler_post_cfg_function", []) + [post_cfg_function]
+        if disable_cfg1_optimization:
+            self.model_options["disable_cfg1_optimization"] = True
+
+    def add_extra_torch_module_during_sampling(self, m, cast_to_unet_dtype=True):
+        self.extra_torch_modules_during_sampling.append(m)
 
     def set_model_patch(self, patch, name):
         to = self.model_options["transformer_options"]
@@ -153,7 +254,7 @@ class ClassicTextProcessingEngine(FrozenCLIPEmbedderWithCustomWords):
 class ForgeSDModel(torch.nn.Module):
     def __init__(self, unet, text_model, family="sd1"):
         super().__init__()
-        self.forge_objects = SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=unet)))
+        self.forge_objects = SimpleNamespace(unet=UnetPatcher(KModel(unet)))
         self.text_processing_engine = ClassicTextProcessingEngine(text_model)
         self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd1", family == "sd2", family == "sdxl"
 

@@ -81,3 +81,23 @@ def random_official_state(layers=("middle_block.1", "output_blocks.3.1", "output
 def _rescale(dim: int, channels: int) -> int:
     """Map the C = 1280 shapes of the key list onto another channel count (for tiny UNets)."""
     return {1280: channels, 1281: channels + 1, 80: channels // 16}.get(dim, dim)
+
+
+def start_job(p, args, host=None):
+    """What the WebUI calls before sampling: before_process, process (with ``host``, A1111 by default), before_sampling."""
+    from lib_migc import job
+    from lib_migc.hosts import a1111
+
+    job.before_process(p)
+    job.process(p, args, host or a1111)
+    job.before_sampling(p)
+
+
+def finish_job(p):
+    """What the WebUI calls after a batch and at the end of the job."""
+    from types import SimpleNamespace
+
+    from lib_migc import job
+
+    job.after_batch(p)
+    job.postprocess(p, SimpleNamespace(images=[], infotexts=[]))

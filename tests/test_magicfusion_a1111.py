@@ -9,10 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import fake_webui
-from helpers import build_unet
+from helpers import build_unet, finish_job, start_job
 from lib_migc import job
 from lib_migc.errors import MigcError
-from lib_migc.hosts import a1111
 from lib_migc.magicfusion import snb_mask
 from lib_migc.magicfusion_runtime import MODEL_B
 from lib_migc.params import MigcParams
@@ -65,15 +64,7 @@ def fusion_args(title, **extra):
     return (data,)
 
 
-def start(p, args):
-    job.before_process(p)
-    job.process(p, args, a1111)
-    job.before_sampling(p)
-
-
-def finish(p):
-    job.after_batch(p)
-    job.postprocess(p, SimpleNamespace(images=[], infotexts=[]))
+start, finish = start_job, finish_job
 
 
 def cfg_step(p, x, cond, uncond, denoiser_class, t=T, sigma=SIGMA):

@@ -7,10 +7,11 @@ import torch
 
 import fake_forge
 import fake_webui
+from helpers import finish_job, start_job
 from conftest import INSTANCES
 from lib_migc import job
 from lib_migc.errors import MigcError
-from lib_migc.hosts import a1111, forge
+from lib_migc.hosts import forge
 from lib_migc.params import UI_FIELDS, MigcParams
 from lib_migc.shading import InstanceConditioning, LayerShader, ShadingMode
 from lib_migc.masks import MaskCache
@@ -62,15 +63,7 @@ def a1111_run(p, x, cond, uncond, step=0, total=4):
         return p.sd_model.model.diffusion_model(torch.cat([x, x]), torch.full((2 * x.shape[0],), 500.0), context=torch.cat([cond, uncond]))
 
 
-def start(p, args, host=a1111):
-    job.before_process(p)
-    job.process(p, args, host)
-    job.before_sampling(p)
-
-
-def finish(p):
-    job.after_batch(p)
-    job.postprocess(p, SimpleNamespace(images=[], infotexts=[]))
+start, finish = start_job, finish_job
 
 
 @pytest.mark.parametrize("mode", ["default", "conjunction"])
@@ -227,3 +220,20 @@ def test_and_prompts_stop_the_job_with_a_clear_error(webui_modules, unet, text_m
         a1111_run(p, torch.zeros((1, 4, 32, 32)), model.get_learned_conditioning(["a red ball"]), torch.zeros((1, 77, 768)))
     finish(p)
     assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
+def test_the_value_context_is_built_once_per_unet_call(webui_modules, unet, text_model, monkeypatch):
+    import lib_migc.structure as structure
+
+    calls = []
+    real = structure.mean_value_context
+    monkeypatch.setattr(structure, "mean_value_context", lambda full, overlays: calls.append(1) or real(full, overlays))
+    model = fake_webui.FakeSDModel(unet, text_model)
+    p = make_p(model)
+    x = torch.randn((1, 4, 32, 32))
+    cond = model.get_learned_conditioning([PROMPT])
+    start(p, structure_args())
+    for step in range(2):
+        a1111_run(p, x, cond.clone(), torch.zeros((1, 77, 768)), step=step)
+    finish(p)
+    assert len(attn2_layers(unet)) == 16 and len(calls) == 2, len(calls)

@@ -53,6 +53,21 @@ def pixels(b64: str):
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype("int16")
 
 
+def payload(base: dict, prompt: str, args=None, **extra) -> dict:
+    """A txt2img request: ``base`` with ``prompt``, and the MIGC script's ``args`` when given."""
+    out = {**base, "prompt": prompt, **extra}
+    if args is not None:
+        out["alwayson_scripts"] = {"MIGC": {"args": args}}
+    return out
+
+
+def generate(webui, request: dict) -> dict:
+    """POST a txt2img request that must succeed; its answer."""
+    status, body = webui.txt2img(request)
+    assert status == 200, body
+    return body
+
+
 @pytest.fixture(scope="session")
 def webui():
     return WebUI(URL)

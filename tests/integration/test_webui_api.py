@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from lib_migc.params import UI_FIELDS
+
 from .conftest import pixels
 
 BASE = {"prompt": "a room", "negative_prompt": "", "steps": 3, "width": 256, "height": 256,
@@ -36,7 +38,7 @@ def test_script_is_listed_for_txt2img_and_img2img(webui):
     assert "migc" in [s.lower() for s in body["txt2img"]] and "migc" in [s.lower() for s in body["img2img"]]
     status, info = webui.request("/sdapi/v1/script-info")
     migc = [s for s in info if s["name"].lower() == "migc" and not s["is_img2img"]]
-    assert migc and len(migc[0]["args"]) == 14
+    assert migc and len(migc[0]["args"]) == len(UI_FIELDS)
 
 
 def test_dict_form_changes_the_image_and_writes_the_infotext(webui, migc_result, plain_before):

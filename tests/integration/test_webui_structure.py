@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from .conftest import pixels
+from .conftest import generate, payload, pixels
 from .test_webui_api import BASE, INSTANCES, MIGC
 
 PROMPT = "a red car and a white sheep on a green meadow"
@@ -19,17 +19,12 @@ def changed(a, b) -> bool:
 
 
 def request(prompt=PROMPT, args=None):
-    payload = {**BASE, "prompt": prompt}
-    if args is not None:
-        payload["alwayson_scripts"] = {"MIGC": {"args": args}}
-    return payload
+    return payload(BASE, prompt, args)
 
 
 @pytest.fixture(scope="module")
 def plain(webui):
-    status, body = webui.txt2img(request())
-    assert status == 200, body
-    return pixels(body["images"][0])
+    return pixels(generate(webui, request())["images"][0])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,158 @@
+"""WebUI Forge adapter for MagicFusion: model B runs inside Forge's own sampling function.
+
+Forge computes A's cond and uncond denoised predictions with ``calc_cond_uncond_batch`` and then
+calls the post-CFG functions with them. Ours runs the *same* compiled conditions (A's text encoder,
+prompt B pasted in when given, no ControlNet) through B's UNet with that very function, blends per
+pixel and returns the guided result; a conditioning modifier records the CFG scale of the step
+(Forge's hires CFG, NGMS and skip-early-CFG already applied). Both are registered on a clone of the
+job's UnetPatcher, like the attention patches, so nothing global changes; B's UNet is handed to Forge's
+memory manager with ``add_extra_torch_module_during_sampling`` and moves with A.
+
+B is Forge's own UNet class built from A's config and loaded strictly from B's file (``weights_only``).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError
+from ..magicfusion_runtime import MODEL_B, FusionRuntime, blend_rows
+from ..magicfusion_weights import check_pair, load_unet_state, state_shapes
+from .a1111_fusion import _checkpoint, model_b_info  # noqa: F401  (the checkpoint list is the same module in Forge)
+
+
+def _patcher(p: Any) -> Any:
+    return p.sd_model.forge_objects.unet
+
+
+def load_model_b(p: Any, title: str) -> tuple[nn.Module, str, str | None]:
+    """(B's UNet, title, short hash): Forge's UNet class from A's config, weights loaded strictly; cached."""
+    info = _checkpoint(title)
+    unet_a = _patcher(p).model.diffusion_model
+    reference = next(unet_a.parameters())
+    key = (info.filename, os.path.getmtime(info.filename), id(unet_a), reference.dtype)
+
+    def build() -> nn.Module:
+        state = load_unet_state(info.filename)
+        check_pair(state_shapes(unet_a.state_dict()), state_shapes(state), "the loaded model", info.title)
+        config = dict(getattr(unet_a, "config", None) or {})
+        if not config:
+            raise CheckpointError("MagicFusion: the loaded UNet has no config to build model B from.")
+        unet = type(unet_a)(**config)
+        unet.load_state_dict(state, strict=True)
+        return unet.to(dtype=reference.dtype).eval().requires_grad_(False)
+
+    return (MODEL_B.get(key, build), *model_b_info(title))
+
+
+class _ModelB(nn.Module):
+    """What ``calc_cond_uncond_batch`` needs of a model (``apply_model``, ``memory_required``) for B's
+    UNet, with A's noise schedule and compute dtype (the same scaling Forge's KModel applies to A)."""
+
+    def __init__(self, model_a: Any, unet_b: nn.Module) -> None:
+        super().__init__()
+        self.unet_b = unet_b
+        self.predictor = model_a.predictor
+        self.computation_dtype = getattr(model_a, "computation_dtype", next(unet_b.parameters()).dtype)
+        self._memory_required = model_a.memory_required
+
+    def memory_required(self, input_shape: Any) -> float:
+        return self._memory_required(input_shape)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, c_concat: Any = None, c_crossattn: Any = None, control: Any = None,
+                    transformer_options: Any = None, **kwargs: Any) -> torch.Tensor:
+        sigma = t
+        xc = self.predictor.calculate_input(sigma, x)
+        if c_concat is not None:
+            xc = torch.cat([xc, c_concat], dim=1)
+        device = next(self.unet_b.parameters()).device
+        out = self.unet_b(xc.to(device=device, dtype=self.computation_dtype), self.predictor.timestep(t).float().to(device),
+                          context=c_crossattn.to(device=device, dtype=self.computation_dtype)).float()
+        return self.predictor.calculate_denoised(sigma, out.to(x.device), x)
+
+
+def _for_b(conds: list[dict] | None, prompt_b: torch.Tensor | None) -> list[dict] | None:
+    """A's compiled conditions for B: no ControlNet, and prompt B as the cross-attention context if given."""
+    if conds is None:
+        return None
+    out = []
+    for entry in conds:
+        entry = {k: v for k, v in entry.items() if k != "control"}
+        if prompt_b is not None and "model_conds" in entry and "c_crossattn" in entry["model_conds"]:
+            model_conds = dict(entry["model_conds"])
+            old = model_conds["c_crossattn"]
+            new = copy.copy(old)
+            new.cond = prompt_b.to(device=old.cond.device, dtype=old.cond.dtype).expand(old.cond.shape[0], -1, -1)
+            model_conds["c_crossattn"] = new
+            entry["model_conds"] = model_conds
+        out.append(entry)
+    return out
+
+
+def _calc_cond_uncond_batch() -> Callable:
+    from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+    return calc_cond_uncond_batch
+
+
+class FusionHooks:
+    """The conditioning modifier and post-CFG function of one pass, on a clone of the job's UnetPatcher."""
+
+    def __init__(self, runtime: FusionRuntime, is_current: Callable[[], bool] = lambda: True) -> None:
+        self.runtime = runtime
+        self.is_current = is_current
+        self._active = False
+
+    @property
+    def installed(self) -> bool:
+        return self._active
+
+    def install(self, p: Any) -> None:
+        if self.runtime.unet_b is None:
+            from ..errors import MigcError
+
+            raise MigcError("MagicFusion: model B \"same\" is not available on Forge yet; pick a second checkpoint.")
+        patcher = _patcher(p).clone()
+        scale: dict[str, float] = {}
+        runtime, live = self.runtime, lambda: self._active and self.is_current()
+
+        def record_scale(model, x, timestep, uncond, cond, cond_scale, model_options, seed):  # noqa: ANN001, ANN202
+            scale["s"] = float(cond_scale)
+            return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+        def post_cfg(args: dict) -> torch.Tensor:
+            denoised, uncond_pred = args["denoised"], args.get("uncond_denoised")
+            model, sigma, x = args["model"], args["sigma"], args["input"]
+            if not live() or uncond_pred is None or args.get("uncond") is None or "s" not in scale:
+                return denoised  # uncond skipped (CFG 1): no saliency, A alone
+            if not runtime.fused(model.predictor.timestep(sigma).flatten()[0].item()):
+                return denoised
+            model_b = _ModelB(model, runtime.unet_b)
+            b_cond, b_uncond = _calc_cond_uncond_batch()(model_b, _for_b(args["cond"], runtime.prompt_b),
+                                                         _for_b(args["uncond"], None), x, sigma, {"transformer_options": {}})
+            rows = torch.cat([args["cond_denoised"], uncond_pred])
+            images = x.shape[0]
+            sig = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(images)
+            blend_rows(rows, torch.cat([b_cond, b_uncond]), torch.cat([x, x]), torch.cat([sig, sig]),
+                       images, scale["s"], runtime.params, b_denoised=True)
+            cond, uncond = rows[:images], rows[images:]
+            return uncond + scale["s"] * (cond - uncond)
+
+        patcher.add_conditioning_modifier(record_scale)
+        patcher.set_model_sampler_post_cfg_function(post_cfg)
+        patcher.add_extra_torch_module_during_sampling(runtime.unet_b)
+        p.sd_model.forge_objects.unet = patcher
+        self._active = True
+
+    def remove(self) -> None:
+        self._active = False
+
+    def on_cfg_step(self, params: Any, guidance: float) -> None:
+        pass
+
+    def on_cfg_denoised(self, params: Any) -> None:
+        pass
