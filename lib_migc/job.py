@@ -211,6 +211,9 @@ def before_sampling(p: Any) -> None:
             job.fusion = fusion_job.install(job, hr_pass)
         except MigcError as exc:
             session.pending_error = exc
+        except Exception as exc:  # noqa: BLE001 - the WebUI would swallow it and sample without MagicFusion
+            log.exception("MagicFusion could not start")
+            session.pending_error = MigcError(f"MagicFusion could not start: {type(exc).__name__}: {exc}", status_code=500)
     session.migc_off = hr_pass and not job.params.hires  # a hires pass for MagicFusion only
     job.hooks = job.host.Hooks(session, on_error=_finish, is_current=lambda: _active is job)
     job.hooks.install(p)

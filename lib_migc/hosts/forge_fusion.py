@@ -42,7 +42,8 @@ def load_model_b(p: Any, title: str) -> tuple[nn.Module, str, str | None]:
         config = dict(getattr(unet_a, "config", None) or {})
         if not config:
             raise CheckpointError("MagicFusion: the loaded UNet has no config to build model B from.")
-        unet = type(unet_a)(**config)
+        from_config = getattr(type(unet_a), "from_config", None)  # Forge's diffusers-style config (extra keys filtered)
+        unet = from_config(config) if from_config is not None else type(unet_a)(**config)
         unet.load_state_dict(state, strict=True)
         return unet.to(dtype=reference.dtype).eval().requires_grad_(False)
 
@@ -144,7 +145,7 @@ class FusionHooks:
 
         patcher.add_conditioning_modifier(record_scale)
         patcher.set_model_sampler_post_cfg_function(post_cfg)
-        patcher.add_extra_torch_module_during_sampling(runtime.unet_b)
+        patcher.add_extra_torch_module_during_sampling(runtime.unet_b, cast_to_unet_dtype=False)  # B is in A's dtype already
         p.sd_model.forge_objects.unet = patcher
         self._active = True
 
