@@ -237,3 +237,15 @@ def test_the_value_context_is_built_once_per_unet_call(webui_modules, unet, text
         a1111_run(p, x, cond.clone(), torch.zeros((1, 77, 768)), step=step)
     finish(p)
     assert len(attn2_layers(unet)) == 16 and len(calls) == 2, len(calls)
+
+
+def test_structure_runs_under_inference_mode(webui_modules, unet, text_model):
+    """Forge samples under torch.inference_mode(): tensors there have no version counter."""
+    model = fake_webui.FakeSDModel(unet, text_model)
+    p = make_p(model)
+    cond = model.get_learned_conditioning([PROMPT])
+    start(p, structure_args())
+    with torch.inference_mode():
+        out = a1111_run(p, torch.randn((1, 4, 32, 32)), cond.clone(), torch.zeros((1, 77, 768)))
+    finish(p)
+    assert torch.isfinite(out).all()
