@@ -23,6 +23,7 @@ CHROMIUM = os.environ.get("MIGC_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 SHOTS = os.environ.get("MIGC_SCREENSHOTS") or tempfile.mkdtemp(prefix="migc-shots-")
+os.makedirs(SHOTS, exist_ok=True)
 
 
 def _gradio_pythons() -> list[tuple[str, str]]:

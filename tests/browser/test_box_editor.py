@@ -64,6 +64,7 @@ class Editor:
         return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
 
     def drag(self, start: tuple[float, float], end: tuple[float, float]) -> None:
+        self.canvas.scroll_into_view_if_needed()
         mouse = self.page.mouse
         mouse.move(*self.point(*start))
         mouse.down()
@@ -88,7 +89,7 @@ def assert_box(actual, expected, tol=TOL):
 
 @pytest.fixture(scope="module")
 def page(demo, browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 1400})
+    context = browser.new_context(viewport={"width": 1280, "height": 1800})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
