@@ -74,6 +74,10 @@ def main() -> None:
     p = SimpleNamespace(sd_model=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet_a)))
 
     def cfg_step(hooks: FusionHooks | None, t: float) -> None:
+        if hooks is None:
+            fusion.remove()  # MagicFusion off: A's UNet exactly as the WebUI has it
+        elif not hooks.installed:
+            hooks.install(p)
         x_in = torch.cat([x, x])
         sigma_in = torch.full((2,), sigma, device=device, dtype=dtype)
         if hooks is not None:
@@ -93,17 +97,16 @@ def main() -> None:
         sync()
         return (time.perf_counter() - t0) * 1e3
 
-    hooks = FusionHooks(FusionRuntime(FusionParams(enabled=True, model_b="B", switch_t=600), unet_b))
-    hooks.install(p)
-    cases = {"plain step (MagicFusion off)": (None, 700.0), "fused step (t = 700 > 600)": (hooks, 700.0),
-             "outside the window (t = 500)": (hooks, 500.0)}
+    fusion = FusionHooks(FusionRuntime(FusionParams(enabled=True, model_b="B", switch_t=600), unet_b))
+    cases = {"plain step (MagicFusion off)": (None, 700.0), "fused step (t = 700 > 600)": (fusion, 700.0),
+             "outside the window (t = 500)": (fusion, 500.0)}
     for hook, t in cases.values():
         cfg_step(hook, t)  # warm-up
     times: dict[str, list[float]] = {label: [] for label in cases}
     for _ in range(args.repeats):  # interleaved, so drift in machine speed hits every case alike
         for label, (hook, t) in cases.items():
             times[label].append(timed(hook, t))
-    hooks.remove()
+    fusion.remove()
     median = {label: statistics.median(v) for label, v in times.items()}
     plain = median["plain step (MagicFusion off)"]
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
