@@ -7,12 +7,12 @@ the session's pending error, raised by the first hooked UNet call like MIGC's ow
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from .errors import MigcError
 from .hosts import fusion_adapter
 from .magicfusion_params import SAME
+from .params import has_and_subprompts
 from .magicfusion_runtime import MODEL_B, FusionRuntime
 
 log = logging.getLogger("migc")
@@ -32,7 +32,7 @@ def decline_reason(p: Any, host: Any) -> str | None:
 def check_job(p: Any, params: Any) -> None:
     """What must hold before sampling (raised as the job's error): no AND, and 'same' only alone."""
     prompts = getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")]
-    if any(re.search(r"\bAND\b", text or "") for text in prompts):
+    if any(has_and_subprompts(text) for text in prompts):
         raise MigcError("MagicFusion does not support AND sub-prompts (its saliency needs one cond row per image); "
                         "remove AND from the prompt or turn MagicFusion off.")
     if params.magicfusion.model_b == SAME and (params.enabled or params.structure.enabled):

@@ -24,7 +24,7 @@ from .errors import MigcError
 from .params import INFOTEXT_KEY, UI_FIELDS, MigcParams, with_descriptions_appended
 from .session import MigcSession
 from .shading import InstanceConditioning
-from .structure import build_runtime, skipped_message
+from .structure import TextEngine, build_runtime, skipped_message
 from .text_encoding import encode_phrases
 
 log = logging.getLogger("migc")
@@ -39,6 +39,7 @@ class Job:
     session: MigcSession | None = None
     hooks: Any = None
     fusion: Any = None  # MagicFusion's ride-along hooks (hosts.<host>_fusion.FusionHooks)
+    text_engine: TextEngine | None = None  # StructureDiffusion's tokenizer/encoder, phrase encodings cached for the job
 
 
 _active: Job | None = None
@@ -233,9 +234,12 @@ def _prepare_structure(job: Job, hr_pass: bool) -> None:
 
     p = job.p
     steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if hr_pass else int(getattr(p, "steps", 20))
+    if job.text_engine is None:
+        job.text_engine = TextEngine(p.sd_model)
     try:
         with devices.autocast():
-            runtime = build_runtime(p.sd_model, job.params.structure, _pass_prompts(p, hr_pass), job.params.layout.descriptions, steps)
+            runtime = build_runtime(job.text_engine, job.params.structure, _pass_prompts(p, hr_pass),
+                                    job.params.layout.descriptions, steps)
     except MigcError as exc:
         job.session.pending_error = exc
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
@@ -177,3 +178,8 @@ def with_descriptions_appended(prompt: str, descriptions: Sequence[str]) -> str:
     base = prompt.rstrip()
     joiner = "" if not base else (" " if base.endswith(",") else ", ")
     return base + joiner + ", ".join(missing)
+
+
+def has_and_subprompts(prompt: str) -> bool:
+    """Whether the WebUI will split ``prompt`` into AND sub-prompts (its own rule: the word AND, upper case)."""
+    return re.search(r"\bAND\b", prompt or "") is not None

@@ -11,7 +11,6 @@ changes between steps; spans are found for every schedule segment and picked by 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -20,6 +19,7 @@ import torch.nn as nn
 
 from .errors import MigcError
 from .structure_attention import CHUNK_TOKENS, Overlay, mean_value_context, structured_forward, structured_heads
+from .params import has_and_subprompts
 from .structure_params import StructureParams
 from .structure_spans import find_spans, phrases_from_descriptions, split_prompt, vocab_from_tokenizer
 
@@ -165,16 +165,18 @@ def _segment_overlays(engine: TextEngine, text: str, phrases: Sequence[str], ski
 
 
 def build_runtime(
-    sd_model: Any, params: StructureParams, prompts: Sequence[str], descriptions: Sequence[str], steps: int
+    engine: TextEngine, params: StructureParams, prompts: Sequence[str], descriptions: Sequence[str], steps: int
 ) -> StructureRuntime:
-    """Spans and phrase encodings for every image prompt of the pass (identical prompts share them)."""
-    engine = TextEngine(sd_model)
+    """Spans and phrase encodings for every image prompt of the pass (identical prompts share them).
+
+    ``engine`` is kept for the whole job, so its phrase encodings serve every batch and the hires pass.
+    """
     per_prompt: dict[str, Segments] = {}
     skipped: list[tuple[str, str]] = []
     for prompt in prompts:
         if prompt in per_prompt:
             continue
-        if re.search(r"\bAND\b", prompt):
+        if has_and_subprompts(prompt):
             raise MigcError("MIGC structure: StructureDiffusion does not support AND sub-prompts (composable diffusion); "
                             "remove AND from the prompt or turn StructureDiffusion off.")
         phrases = phrase_list(params, descriptions, prompt)
