@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 
 from .errors import CheckpointError
-from .modules import MIGCBlock, expected_state_shapes
+from .modules import BlockType, block_class, expected_state_shapes
 from .unet_layers import layer_sort_key
 from .weight_files import SAFE_SUFFIXES
 
@@ -34,16 +34,25 @@ MAX_LISTED = 12
 
 @dataclass
 class MigcWeights:
-    """Loaded MIGC blocks keyed by UNet layer name (``middle_block.1``, ``output_blocks.3.1``, ...)."""
+    """Loaded MIGC or MIGC++ blocks keyed by UNet layer name (``middle_block.1``, ``output_blocks.3.1``, ...)."""
 
     kind: str
-    blocks: dict[str, MIGCBlock]
+    blocks: dict[str, BlockType]
     source: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
         return sorted(self.blocks, key=layer_sort_key)
+
+    @property
+    def plus(self) -> bool:
+        return self.kind == KIND_MIGC_PLUS
+
+    @property
+    def label(self) -> str:
+        """What the infotext and messages call it: "MIGC" or "MIGC++"."""
+        return "MIGC++" if self.plus else "MIGC"
 
 
 # ------------------------------------------------------------------------------------ reading files
@@ -175,7 +184,9 @@ def _channels(sub: Mapping[str, torch.Tensor]) -> int | None:
     return None
 
 
-def validate_layers(layers: Mapping[str, Mapping[str, torch.Tensor]], stray: list[str], name: str) -> dict[str, int]:
+def validate_layers(
+    layers: Mapping[str, Mapping[str, torch.Tensor]], stray: list[str], name: str, plus: bool = False
+) -> dict[str, int]:
     """Check every layer's sub-keys and shapes strictly; return layer -> channels or raise one error."""
     problems: list[str] = []
     channels: dict[str, int] = {}
@@ -189,7 +200,7 @@ def validate_layers(layers: Mapping[str, Mapping[str, torch.Tensor]], stray: lis
         if c is None:
             problems.append(f"{layer}: cannot tell the channel count (norm.bias missing)")
             continue
-        expected = expected_state_shapes(c)
+        expected = expected_state_shapes(c, plus)
         missing = sorted(set(expected) - set(sub))
         unexpected = sorted(set(sub) - set(expected))
         shaped = [
@@ -205,9 +216,10 @@ def validate_layers(layers: Mapping[str, Mapping[str, torch.Tensor]], stray: lis
             problems.append(f"{layer}: wrong shape or dtype: {_listing(shaped)}")
         channels[layer] = c
     if problems:
+        reference = "MIGC++_SD14.ckpt, 26 keys per layer" if plus else "MIGC_SD14.ckpt, 32 keys per layer"
         raise CheckpointError(
-            f"'{name}' is not a valid MIGC checkpoint (expected the layout of the official MIGC_SD14.ckpt):\n- "
-            + "\n- ".join(problems)
+            f"'{name}' is not a valid {'MIGC++' if plus else 'MIGC'} checkpoint (expected the layout of the official "
+            f"{reference}):\n- " + "\n- ".join(problems)
         )
     return channels
 
@@ -215,15 +227,12 @@ def validate_layers(layers: Mapping[str, Mapping[str, torch.Tensor]], stray: lis
 # ------------------------------------------------------------------------------------ building blocks
 def check_state(
     state: Mapping[str, torch.Tensor], name: str
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
-    """Group a flat state dict by layer and validate it: (layer -> block state, layer -> channels)."""
+) -> tuple[str, dict[str, dict[str, torch.Tensor]], dict[str, int]]:
+    """Group a flat state dict by layer, tell MIGC from MIGC++ and validate it strictly against that kind:
+    (kind, layer -> block state, layer -> channels). Which layers carry blocks is read from the keys."""
     layers, stray = group_by_layer(state)
-    if detect_kind(layers) == KIND_MIGC_PLUS:
-        raise CheckpointError(
-            f"'{name}' is a MIGC++ checkpoint (its blocks have 'gamma' and no SAC conv1). MIGC++ needs its own "
-            "layer; select the official MIGC_SD14.ckpt for MIGC."
-        )
-    return layers, validate_layers(layers, stray, name)
+    kind = detect_kind(layers)
+    return kind, layers, validate_layers(layers, stray, name, plus=kind == KIND_MIGC_PLUS)
 
 
 def blocks_from_state(
@@ -232,14 +241,14 @@ def blocks_from_state(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> MigcWeights:
-    """Validate a flat state dict and build the MIGC blocks on ``device``/``dtype``."""
-    layers, channels = check_state(state, name)
+    """Validate a flat state dict and build the MIGC or MIGC++ blocks on ``device``/``dtype``."""
+    kind, layers, channels = check_state(state, name)
     blocks = {}
     for layer, sub in layers.items():
-        block = MIGCBlock(channels[layer])
+        block = block_class(kind == KIND_MIGC_PLUS)(channels[layer])
         block.load_state_dict(dict(sub), strict=True)
         blocks[layer] = block.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return MigcWeights(kind=KIND_MIGC, blocks=blocks, source=name)
+    return MigcWeights(kind=kind, blocks=blocks, source=name)
 
 
 def load_migc_weights(

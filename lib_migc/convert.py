@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import KIND_MIGC, check_state, read_state_dict
+from .checkpoint import check_state, read_state_dict
 from .unet_layers import layer_sort_key
 from .errors import CheckpointError
 
@@ -21,11 +21,11 @@ def convert(src: str, dst: str, trust_pickle: bool = False) -> int:
     from safetensors.torch import save_file
 
     state = read_state_dict(src, trust_pickle=trust_pickle)
-    layers, _ = check_state(state, src)
+    kind, layers, _ = check_state(state, src)
     save_file(
         {k: v.contiguous() for k, v in state.items()},
         dst,
-        metadata={"format": "pt", "migc_kind": KIND_MIGC, "migc_layers": ",".join(sorted(layers, key=layer_sort_key))},
+        metadata={"format": "pt", "migc_kind": kind, "migc_layers": ",".join(sorted(layers, key=layer_sort_key))},
     )
     return len(state)
 

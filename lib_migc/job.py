@@ -21,6 +21,7 @@ import torch
 from . import fusion_job, settings, weights_store
 from .draw import draw_layout
 from .errors import MigcError
+from .layout import MAX_MIGC_INSTANCES, fit_masks
 from .params import INFOTEXT_KEY, UI_FIELDS, MigcParams, with_descriptions_appended
 from .session import MigcSession
 from .shading import InstanceConditioning
@@ -36,6 +37,8 @@ class Job:
     params: MigcParams
     host: ModuleType
     error: Exception | None = None
+    weights_hash: str | None = None
+    model_b_hash: str | None = None
     session: MigcSession | None = None
     hooks: Any = None
     fusion: Any = None  # MagicFusion's ride-along hooks (hosts.<host>_fusion.FusionHooks)
@@ -138,22 +141,34 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
     if params is None:
         return
     job = _active = Job(p=p, params=params, host=host)
-    weights_hash = model_b_hash = None
     try:
         if params.enabled:
-            weights_hash = weights_store.short_hash(weights_store.resolve(settings.models_dir(), params.weights))
+            # Masks at the image size from here on: the generation and the infotext see the same values.
+            job.params = params = replace(params, layout=fit_masks(params.layout, p.width, p.height))
+            job.weights_hash = weights_store.short_hash(weights_store.resolve(settings.models_dir(), params.weights))
         if params.magicfusion.enabled:
             fusion_job.check_job(p, params)
-            model_b_hash = fusion_job.model_b_hash(p, host, params.magicfusion.model_b)
+            job.model_b_hash = fusion_job.model_b_hash(p, host, params.magicfusion.model_b)
     except MigcError as exc:
         job.error = exc
-    p.extra_generation_params[INFOTEXT_KEY] = params.to_infotext(weights_hash=weights_hash, model_b_hash=model_b_hash)
+    _write_infotext(job)
     if params.enabled and params.append_descriptions:
         descriptions = params.layout.descriptions
         for name in ("all_prompts", "all_hr_prompts"):
             prompts = getattr(p, name, None)
             if prompts:
                 setattr(p, name, [with_descriptions_appended(text, descriptions) for text in prompts])
+
+
+def _write_infotext(job: Job, weights_kind: str | None = None) -> None:
+    job.p.extra_generation_params[INFOTEXT_KEY] = job.params.to_infotext(
+        weights_hash=job.weights_hash, model_b_hash=job.model_b_hash, weights_kind=weights_kind)
+
+
+def _check_capacity(weights: Any, layout: Any) -> None:
+    if not weights.plus and len(layout) > MAX_MIGC_INSTANCES:
+        raise MigcError(f"MIGC: {len(layout)} instances given; MIGC's aggregation controller has {MAX_MIGC_INSTANCES} "
+                        "instance slots (MIGC++ weights have 29). Remove or merge some instances.")
 
 
 def _prepare(job: Job) -> MigcSession:
@@ -169,6 +184,8 @@ def _prepare(job: Job) -> MigcSession:
             path = weights_store.resolve(settings.models_dir(), params.weights)
             weights = weights_store.load_cached(path, reference.device, reference.dtype)
             layout = params.layout
+            _check_capacity(weights, layout)
+            _write_infotext(job, weights.kind)
             with devices.autocast():
                 contexts, pooled = encode_phrases(p.sd_model, layout.descriptions)
                 if not params.use_main_prompt:

@@ -14,12 +14,14 @@ from typing import Any, Mapping, Sequence
 
 from .errors import LayoutError
 
-#: The Shading Aggregation Controller has 28 instance slots (30 channels minus background and template).
-MAX_INSTANCES = 28
+#: MIGC's Shading Aggregation Controller has 28 instance slots (30 channels minus background and
+#: template), MIGC++'s 29 (no background channel); the job checks the 28 for MIGC weights.
+MAX_INSTANCES = 29
+MAX_MIGC_INSTANCES = 28
 #: Per-instance scales multiply the instance's CA/EA outputs and its SAC logit; 1 is the trained behaviour.
 SCALE_RANGE = (0.0, 10.0)
 SCALE_FIELDS = ("ca", "ea", "sac")
-INSTANCE_KEYS = ("description", "box") + SCALE_FIELDS
+INSTANCE_KEYS = ("description", "box", "mask") + SCALE_FIELDS
 LAYOUT_KEYS = ("global_prompt", "instances")
 
 Box = tuple[float, float, float, float]
@@ -27,17 +29,29 @@ Box = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class Instance:
-    """One instance: a description and a box ``(x0, y0, x1, y1)`` in image fractions, origin top-left."""
+    """One instance: a description and a box ``(x0, y0, x1, y1)`` in image fractions, origin top-left.
+
+    mask: optional PNG data URL (MIGC++'s any-shape instance). When given it drives every attention
+    mask and weight; ``box`` then only feeds the position token, and when the user gave no box
+    (``box_given`` false) it is the one MIGC++ derives from the mask (recomputed at the image size by
+    :func:`fit_masks`).
+    """
 
     description: str
     box: Box
     ca: float = 1.0
     ea: float = 1.0
     sac: float = 1.0
+    mask: str | None = None
+    box_given: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        """Compact dict: scales are written only when they differ from the default."""
-        out: dict[str, Any] = {"description": self.description, "box": [_compact(v) for v in self.box]}
+        """Compact dict: scales are written only when they differ from the default, a derived box never."""
+        out: dict[str, Any] = {"description": self.description}
+        if self.box_given:
+            out["box"] = [_compact(v) for v in self.box]
+        if self.mask is not None:
+            out["mask"] = self.mask
         for name in SCALE_FIELDS:
             value = getattr(self, name)
             if value != 1.0:
@@ -58,6 +72,10 @@ class Layout:
     @property
     def boxes(self) -> list[Box]:
         return [inst.box for inst in self.instances]
+
+    @property
+    def has_masks(self) -> bool:
+        return any(inst.mask is not None for inst in self.instances)
 
     @property
     def descriptions(self) -> list[str]:
@@ -123,8 +141,8 @@ def parse_layout(source: str | Mapping[str, Any] | Sequence[Any] | Layout | None
         raise LayoutError("MIGC layout: 'instances' must be a list of {\"description\", \"box\"} objects.")
     if len(raw_instances) > MAX_INSTANCES:
         raise LayoutError(
-            f"MIGC layout: {len(raw_instances)} instances given; MIGC supports at most {MAX_INSTANCES} "
-            "(its aggregation controller has 28 instance slots). Remove or merge some boxes."
+            f"MIGC layout: {len(raw_instances)} instances given; at most {MAX_INSTANCES} are supported "
+            "(MIGC++'s aggregation controller has 29 instance slots, MIGC's 28). Remove or merge some boxes."
         )
     instances = tuple(_parse_instance(i, raw) for i, raw in enumerate(raw_instances))
     return Layout(instances=instances, global_prompt=global_prompt)
@@ -145,7 +163,7 @@ def _number(value: Any) -> float | None:
 def _parse_instance(index: int, raw: Any) -> Instance:
     where = _where(index, raw)
     if not isinstance(raw, Mapping):
-        raise LayoutError(f"{where}: expected an object with 'description' and 'box', got {type(raw).__name__}.")
+        raise LayoutError(f"{where}: expected an object with 'description' and 'box' (or 'mask'), got {type(raw).__name__}.")
     unknown = sorted(set(raw) - set(INSTANCE_KEYS))
     if unknown:
         raise LayoutError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(INSTANCE_KEYS)}.")
@@ -154,9 +172,16 @@ def _parse_instance(index: int, raw: Any) -> Instance:
     if not isinstance(description, str) or not description.strip():
         raise LayoutError(f"{where}: field 'description' must be a non-empty text describing the instance, e.g. \"a red teddy bear\".")
 
+    mask = raw.get("mask")
+    derived = None
+    if mask is not None:
+        mask, derived = _parse_mask(where, mask)
     box = raw.get("box")
+    if box is None and derived is not None:
+        box = derived
     if not isinstance(box, Sequence) or isinstance(box, str) or len(box) != 4:
-        raise LayoutError(f"{where}: field 'box' must be a list of 4 numbers [x0, y0, x1, y1] (fractions of the image, origin top-left).")
+        raise LayoutError(f"{where}: field 'box' must be a list of 4 numbers [x0, y0, x1, y1] (fractions of the image, origin top-left), "
+                          "or give a 'mask' instead.")
     values = []
     for name, value in zip(("x0", "y0", "x1", "y1"), box):
         number = _number(value)
@@ -166,6 +191,9 @@ def _parse_instance(index: int, raw: Any) -> Instance:
             raise LayoutError(f"{where}: field 'box' {name} = {number:g} is outside the image; allowed: 0 to 1 (fractions of width/height).")
         values.append(number)
     x0, y0, x1, y1 = values
+    if derived is not None and raw.get("box") is None and (x1 <= x0 or y1 <= y0):
+        raise LayoutError(f"{where}: field 'mask' covers a single row or column of pixels ({x0:g}..{x1:g} x {y0:g}..{y1:g}), "
+                          "so no box can be derived from it; paint a larger area.")
     if x1 <= x0:
         raise LayoutError(f"{where}: field 'box' has x1 = {x1:g} <= x0 = {x0:g}; the right edge must be greater than the left edge.")
     if y1 <= y0:
@@ -180,4 +208,52 @@ def _parse_instance(index: int, raw: Any) -> Instance:
         if number is None or not math.isfinite(number) or not lo <= number <= hi:
             raise LayoutError(f"{where}: field '{name}' = {raw[name]!r} is not allowed; use a number from {lo:g} to {hi:g} (1 = default).")
         scales[name] = number
-    return Instance(description=description.strip(), box=(x0, y0, x1, y1), **scales)
+    return Instance(description=description.strip(), box=(x0, y0, x1, y1), mask=mask,
+                    box_given=raw.get("box") is not None, **scales)
+
+
+def _parse_mask(where: str, value: Any) -> tuple[str, list[float]]:
+    """Validate a mask string; return it and the box MIGC++ derives from it at the mask's own size."""
+    from .mask_codec import MaskDecodeError, decode_mask, mask_to_box
+
+    if not isinstance(value, str) or not value.strip():
+        raise LayoutError(f"{where}: field 'mask' must be a PNG image as a data URL ('data:image/png;base64,...') "
+                          "or bare base64; white = inside the instance, black = outside, grey = partly.")
+    try:
+        mask = decode_mask(value)
+    except MaskDecodeError as exc:
+        raise LayoutError(f"{where}: field 'mask' could not be read: {exc}.") from None
+    try:
+        box = mask_to_box(mask)
+    except ValueError:
+        raise LayoutError(f"{where}: field 'mask' is empty (every pixel is black); paint the instance's area in "
+                          "white, or give a 'box' instead.") from None
+    return value.strip(), list(box)
+
+
+def fit_masks(layout: Layout, width: int, height: int) -> Layout:
+    """The layout with every mask brought to the image size (8-bit levels, re-encoded as PNG) and each
+    derived box recomputed there, so the generation, the infotext and a regeneration from it all see the
+    same values. Box-only layouts are returned unchanged."""
+    if not layout.has_masks:
+        return layout
+    from dataclasses import replace
+
+    from .mask_codec import decode_mask, encode_mask, fit_mask, mask_to_box
+
+    fitted = []
+    for index, inst in enumerate(layout.instances):
+        if inst.mask is None:
+            fitted.append(inst)
+            continue
+        values = fit_mask(decode_mask(inst.mask), height, width)
+        try:
+            box = inst.box if inst.box_given else mask_to_box(values)
+        except ValueError:
+            raise LayoutError(f"{_where(index, inst.to_dict())}: field 'mask' vanishes at {width}x{height}; "
+                              "paint a larger area.") from None
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise LayoutError(f"{_where(index, inst.to_dict())}: field 'mask' is a single row or column of pixels at "
+                              f"{width}x{height}, so no box can be derived from it; paint a larger area.")
+        fitted.append(replace(inst, mask=encode_mask(values), box=tuple(float(v) for v in box)))
+    return replace(layout, instances=tuple(fitted))

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .layout import Box
+from .layout import Box, Layout
 
 LATENT_FACTOR = 8
 MAX_LEVELS = 6
@@ -29,6 +29,19 @@ def box_mask(box: Box, height: int, width: int) -> torch.Tensor:
     mask = torch.zeros((height, width), dtype=torch.float64)
     mask[int(height * y0):int(height * y1), int(width * x0):int(width * x1)] = 1.0
     return mask
+
+
+def full_res_masks(layout: Layout, height: int, width: int) -> torch.Tensor:
+    """(N, height, width) float64 instance masks at image resolution: a mask instance's own (soft) values,
+    a box instance's rasterised box."""
+    from .mask_codec import decode_mask, fit_mask
+
+    masks = [
+        torch.from_numpy(fit_mask(decode_mask(inst.mask), height, width)) if inst.mask is not None
+        else box_mask(inst.box, height, width)
+        for inst in layout.instances
+    ]
+    return torch.stack(masks) if masks else torch.zeros((0, height, width), dtype=torch.float64)
 
 
 def _bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -101,6 +114,11 @@ class MaskCache:
         self.latent_hw = (height // LATENT_FACTOR, width // LATENT_FACTOR)
         self.latent_instances, self.latent_background = latent_masks(full_res_masks, height, width)
         self._cache: dict[tuple, FeatureMasks] = {}
+
+    @classmethod
+    def from_layout(cls, layout: Layout, height: int, width: int) -> "MaskCache":
+        """Box instances rasterised, mask instances brought to the image size (MIGC++ spec §3.1)."""
+        return cls(full_res_masks(layout, height, width), height, width)
 
     @classmethod
     def from_boxes(cls, boxes: Sequence[Box], height: int, width: int) -> "MaskCache":

@@ -15,6 +15,8 @@ HEADS = 8
 FOURIER_FREQS = 8
 SAC_CHANNELS = 30  # background + 28 instance slots + layout template
 SAC_SLOTS = SAC_CHANNELS - 2
+#: MIGC++ has no background channel: 29 instance slots + the template in the same 30 channels.
+SAC_PLUS_SLOTS = SAC_CHANNELS - 1
 
 
 def fourier_box_embedding(boxes_xyxy: torch.Tensor, num_freqs: int = FOURIER_FREQS) -> torch.Tensor:
@@ -133,6 +135,42 @@ class MIGCBlock(nn.Module):
         return self.ea.to_q(F.layer_norm(x, (self.channels,), self.norm.weight, self.norm.bias, self.norm.eps))
 
 
-def expected_state_shapes(channels: int) -> dict[str, tuple[int, ...]]:
-    """Sub-key -> shape of an MIGC block with ``channels`` channels (the checkpoint's per-layer keys)."""
-    return {k: tuple(v.shape) for k, v in MIGCBlock(channels).to("meta").state_dict().items()}
+class ShadingAggregationControllerPlus(nn.Module):
+    """MIGC++'s SAC: only the per-phase logit (conv2) and the 30-channel CBAM; no mask channel, no CBAM1."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv2 = nn.Conv2d(channels, 1, kernel_size=1)
+        self.cbam2 = CBAM(SAC_CHANNELS, reduction=1)
+
+
+class MIGCPlusBlock(nn.Module):
+    """One layer's MIGC++ weights. Same EA, LA, norm and position net as MIGC; a lighter SAC and the
+    learned output gate ``gamma`` (the SAC output is added to the refined shader's as tanh(gamma) times)."""
+
+    plus = True
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.ea = Attention(channels, CONTEXT_DIM)
+        self.la = Attention(channels, channels)
+        self.norm = nn.LayerNorm(channels, eps=1e-5)
+        self.sac = ShadingAggregationControllerPlus(channels)
+        self.pos_net = PositionNet()
+
+    enhancement_query = MIGCBlock.enhancement_query
+
+
+MIGCBlock.plus = False
+BlockType = MIGCBlock | MIGCPlusBlock
+
+
+def block_class(kind_plus: bool) -> type[nn.Module]:
+    return MIGCPlusBlock if kind_plus else MIGCBlock
+
+
+def expected_state_shapes(channels: int, plus: bool = False) -> dict[str, tuple[int, ...]]:
+    """Sub-key -> shape of an MIGC (or MIGC++) block with ``channels`` channels (the per-layer keys)."""
+    return {k: tuple(v.shape) for k, v in block_class(plus)(channels).to("meta").state_dict().items()}

@@ -93,10 +93,13 @@ class MigcParams:
             out["magicfusion"] = self.magicfusion.to_api()
         return out
 
-    def to_infotext(self, weights_hash: str | None = None, model_b_hash: str | None = None) -> str:
+    def to_infotext(self, weights_hash: str | None = None, model_b_hash: str | None = None,
+                    weights_kind: str | None = None) -> str:
         """Compact JSON of every field but ``enabled`` (its presence means enabled), plus the short hashes of
-        the MIGC weights and of MagicFusion's model B."""
+        the MIGC weights and of MagicFusion's model B, and which kind the weights were (MIGC or MIGC++)."""
         data = self.to_api()
+        if weights_kind:
+            data["weights_kind"] = weights_kind
         if model_b_hash and "magicfusion" in data:
             data["magicfusion"]["model_b_hash"] = model_b_hash
         if data["enabled"]:
@@ -114,6 +117,7 @@ class MigcParams:
         if not isinstance(data, dict):
             raise MigcError(f"MIGC: the infotext entry {INFOTEXT_KEY!r} must be a JSON object.")
         data.pop("weights_hash", None)
+        data.pop("weights_kind", None)
         if isinstance(data.get("magicfusion"), dict):
             data["magicfusion"].pop("model_b_hash", None)
         return cls.from_api({"enabled": True, **data})

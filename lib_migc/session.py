@@ -15,7 +15,7 @@ import torch.nn as nn
 from .checkpoint import MigcWeights
 from .masks import FeatureMasks, MaskCache
 from .params import MigcParams, step_limit
-from .shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations
+from .shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations, sac_slots
 from .structure import StructureRuntime
 
 PlainForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,8 +55,7 @@ class MigcSession:
     # ------------------------------------------------------------------ pass / step
     def begin_pass(self, width: int, height: int, seeds: Sequence[int], device: torch.device) -> None:
         """A sampling pass at ``width`` x ``height`` for images with ``seeds``: fresh masks and generators."""
-        boxes = [inst.box for inst in self.params.layout.instances]
-        self._masks = MaskCache.from_boxes(boxes, height, width)
+        self._masks = MaskCache.from_layout(self.params.layout, height, width)
         self._generators = [make_generator(seed, device) for seed in seeds]
         self.step, self.total_steps = 0, 1
 
@@ -123,5 +122,5 @@ class MigcSession:
         perms = None
         if mode is ShadingMode.MIGC:
             gens = [self._generators[min(i, len(self._generators) - 1)] for i in images]
-            perms = draw_sac_permutations(gens, x.device)
+            perms = draw_sac_permutations(gens, x.device, sac_slots(shader.block))
         return shader(x, context, self.masks_for(x.shape[1], x), mode, perms=perms, global_heads=global_heads)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .masks import FeatureMasks
-from .modules import SAC_SLOTS, MIGCBlock
+from .modules import SAC_PLUS_SLOTS, SAC_SLOTS, BlockType
 
 
 class ShadingMode(enum.Enum):
@@ -90,14 +90,21 @@ class InstanceConditioning:
         )
 
 
-def draw_sac_permutations(generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
-    """(B, 28) slot permutations, one per cond row, each from that image's own seeded generator.
+def sac_slots(block: BlockType | None) -> int:
+    """How many shuffled instance slots the block's SAC has: 28 for MIGC, 29 for MIGC++."""
+    return SAC_PLUS_SLOTS if getattr(block, "plus", False) else SAC_SLOTS
 
-    The official SAC draws ``torch.randperm(28)`` from the global RNG at every call; drawing it from a
-    per-image generator keeps a seed reproducible and leaves the WebUI's RNG untouched. A generator
-    living on ``device`` keeps the draw free of host-device syncs.
+
+def draw_sac_permutations(
+    generators: Sequence[torch.Generator], device: torch.device, slots: int = SAC_SLOTS
+) -> torch.Tensor:
+    """(B, slots) slot permutations, one per cond row, each from that image's own seeded generator.
+
+    The official SAC draws ``torch.randperm(28)`` (MIGC++: 29) from the global RNG at every call;
+    drawing it from a per-image generator keeps a seed reproducible and leaves the WebUI's RNG
+    untouched. A generator living on ``device`` keeps the draw free of host-device syncs.
     """
-    perms = [torch.randperm(SAC_SLOTS, generator=g, device=g.device) for g in generators]
+    perms = [torch.randperm(slots, generator=g, device=g.device) for g in generators]
     return torch.stack(perms).to(device, non_blocking=True)
 
 
@@ -125,7 +132,8 @@ class LayerShader:
     attn: the layer's cross-attention module (``to_q``, ``to_k``, ``to_v``, ``to_out``, ``heads``); its
         projections are *called* (not read), so LoRA/network patches on them apply to every row.
     plain_forward: the module's own forward ``(x, context) -> out``, used for vanilla rows.
-    conditioning: the generation's instances; block: this layer's MIGC weights or ``None``.
+    conditioning: the generation's instances; block: this layer's MIGC or MIGC++ weights or ``None``.
+    gamma_scale: MIGC++'s extra factor on its aggregation branch (1 = the official behaviour).
     """
 
     def __init__(
@@ -133,13 +141,16 @@ class LayerShader:
         attn: nn.Module,
         plain_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         conditioning: InstanceConditioning,
-        block: MIGCBlock | None = None,
+        block: BlockType | None = None,
+        gamma_scale: float = 1.0,
     ) -> None:
         self.attn = attn
         self.heads = int(attn.heads)
         self.plain_forward = plain_forward
         self.cond = conditioning
         self.block = block
+        self.plus = bool(getattr(block, "plus", False))
+        self.gamma_scale = float(gamma_scale)
         self._cache = _GenerationCache()
 
     # ---------------------------------------------------------------- per-generation precomputation
@@ -168,25 +179,41 @@ class LayerShader:
         return v
 
     def _prepare_block(self, x: torch.Tensor, out_bias: torch.Tensor) -> dict[str, torch.Tensor]:
-        block, cond, heads = self.block, self.cond, self.heads
-        dt, dev, channels = x.dtype, x.device, x.shape[-1]
+        block, dt, channels = self.block, x.dtype, x.shape[-1]
         if block.channels != channels:
             raise ValueError(f"MIGC block has {block.channels} channels but the layer has {channels}")
+        p = self._prepare_enhancement(x)
+        ea_dir, ea_base = p.pop("ea_dir_f32"), p.pop("ea_base_f32")  # fold in float32, cast once
+        conv2 = block.sac.conv2.weight.reshape(channels).float()
+        p["conv2"], p["conv2_bias"] = conv2.to(dt), block.sac.conv2.bias.to(dt)
+        if self.plus:
+            # MIGC++'s phase logits are conv2 of the EA maps: w . (m ea (c + sum_h alpha D)) + b, so only
+            # the projections of c and D onto w are needed; the EA maps are never materialised for them.
+            p["ea_base_w"] = (ea_base @ conv2).to(dt)  # (N,)
+            p["ea_dir_w"] = (ea_dir @ conv2).to(dt)  # (N, h)
+            p["gate"] = (torch.tanh(block.gamma.float()) * self.gamma_scale).to(dt)
+            return p
         sac = block.sac
         conv1 = sac.conv1.weight.reshape(channels, channels + 1).float()
         w1c, w1m = conv1[:, :channels], conv1[:, channels]
         # to_out's matrix through the module itself, so patched weights are honoured: W_o^T = to_out(I) - b.
-        eye = torch.eye(channels, device=dev, dtype=dt)
+        eye = torch.eye(channels, device=x.device, dtype=dt)
         wo_t = (self.attn.to_out(eye) - out_bias).float()
-        p: dict[str, torch.Tensor] = {
-            "fold_t": (wo_t @ w1c.T).to(dt),  # (conv1_C . W_o)^T
-            "conv1_bias_o": (w1c @ out_bias.float()).to(dt),  # conv1_C . b_o
-            "conv1_mask": w1m.to(dt),
-            "conv1_bias": sac.conv1.bias.to(dt),
-            "conv1_c": w1c.to(dt).contiguous(),
-            "conv2": sac.conv2.weight.reshape(channels).to(dt),
-            "conv2_bias": sac.conv2.bias.to(dt),
-        }
+        p.update(
+            fold_t=(wo_t @ w1c.T).to(dt),  # (conv1_C . W_o)^T
+            conv1_bias_o=(w1c @ out_bias.float()).to(dt),  # conv1_C . b_o
+            conv1_mask=w1m.to(dt),
+            conv1_bias=sac.conv1.bias.to(dt),
+            conv1_c=w1c.to(dt).contiguous(),
+            ea_dir_c1=(ea_dir @ w1c.T).to(dt),  # conv1 of the EA output's parts
+            ea_base_c1=(ea_base @ w1c.T).to(dt),
+        )
+        return p
+
+    def _prepare_enhancement(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The Enhancement Attention's per-instance constants, shared by MIGC and MIGC++."""
+        block, cond, heads = self.block, self.cond, self.heads
+        dt, dev, channels = x.dtype, x.device, x.shape[-1]
         # Enhancement Attention context: [pooled, box token] per instance -> keys/values (N, 2, C).
         box_tokens = block.pos_net(cond.boxes.to(dev))
         ea_ctx = torch.stack([cond.pooled.to(device=dev, dtype=box_tokens.dtype), box_tokens], dim=1)
@@ -199,17 +226,16 @@ class LayerShader:
         dv = (ea_v[:, 0] - ea_v[:, 1]).reshape(-1, heads, d)
         ea_dir = torch.einsum("chd,nhd->nhc", wo_ea.reshape(channels, heads, d), dv)
         ea_base = ea_v[:, 1] @ wo_ea.T + block.ea.to_out[0].bias.float()
-        p.update(
+        return dict(
             ea_dk=((ea_k[:, 0] - ea_k[:, 1]).reshape(-1, heads, d) * d**-0.5).to(dt),
             ea_dir=ea_dir.to(dt),  # (N, h, C)
             ea_base=ea_base.to(dt),  # (N, C)
-            ea_dir_c1=(ea_dir @ w1c.T).to(dt),  # conv1 of the above
-            ea_base_c1=(ea_base @ w1c.T).to(dt),
+            ea_dir_f32=ea_dir,
+            ea_base_f32=ea_base,
             ca=cond.ca.to(device=dev, dtype=dt),
             ea=cond.ea.to(device=dev, dtype=dt),
             sac=cond.sac.to(device=dev, dtype=dt),
         )
-        return p
 
     # ---------------------------------------------------------------- the per-call computation
     def __call__(
@@ -227,9 +253,9 @@ class LayerShader:
         ``global_heads(q)``: replaces the global branch's attention (per head, before to_out), e.g.
         StructureDiffusion's; the instance branches are unchanged.
 
-        ``perms`` (B, 28): SAC slot permutations for MIGC mode (see :func:`draw_sac_permutations`).
-        With ``return_weights`` MIGC mode also returns the SAC softmax weights (B, N+2, H, W) for
-        [background, instances..., template].
+        ``perms`` (B, 28) — MIGC++: (B, 29): SAC slot permutations for MIGC mode (see
+        :func:`draw_sac_permutations`). With ``return_weights`` MIGC mode also returns the SAC softmax
+        weights: (B, N+2, H, W) for [background, instances..., template]; MIGC++ (B, N+1, H, W), no background.
         """
         if mode is ShadingMode.VANILLA or self.cond.count == 0:
             out = self.plain_forward(x, context)
@@ -254,7 +280,8 @@ class LayerShader:
             return (out, None) if return_weights else out
         if perms is None:
             raise ValueError("MIGC mode needs the SAC permutations (draw_sac_permutations)")
-        out, weights = self._migc(x, a_all, masks, prep, perms)
+        migc = self._migc_plus if self.plus else self._migc
+        out, weights = migc(x, a_all, masks, prep, perms)
         return (out, weights) if return_weights else out
 
     def _enhancement_alpha(self, x: torch.Tensor, prep: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -299,7 +326,7 @@ class LayerShader:
         prep: dict[str, torch.Tensor],
         perms: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        block, heads = self.block, self.heads
+        block = self.block
         b, hw, c = x.shape
         n = self.cond.count
         height, width = masks.size
@@ -307,18 +334,7 @@ class LayerShader:
 
         alpha = self._enhancement_alpha(x, prep)  # (B, N, HW, h)
 
-        # --- Layout Attention: self-attention restricted to pixels that share a region.
-        la = block.la
-        template = la.to_out(
-            _merge_heads(
-                F.scaled_dot_product_attention(
-                    _heads(la.to_q(x), heads),
-                    _heads(la.to_k(x), heads),
-                    _heads(la.to_v(x), heads),
-                    attn_mask=masks.layout_allowed,
-                )
-            )
-        )  # (B, HW, C)
+        template = self._layout_template(x, masks)  # (B, HW, C)
 
         # --- SAC conv1 of every phase, [S; mask] -> C, with conv1 . to_out folded for the CA part.
         ca = prep["ca"][:, None, None]
@@ -356,6 +372,52 @@ class LayerShader:
         out = out + torch.einsum("bnph,nhc->bpc", beta[..., None] * alpha, prep["ea_dir"])
         out = out + w_tmp[..., None] * template
         return out, weights.reshape(b, n + 2, height, width)
+
+    def _layout_template(self, x: torch.Tensor, masks: FeatureMasks) -> torch.Tensor:
+        """Layout Attention: self-attention restricted to pixels that share a region, (B, HW, C)."""
+        la, heads = self.block.la, self.heads
+        attended = F.scaled_dot_product_attention(
+            _heads(la.to_q(x), heads), _heads(la.to_k(x), heads), _heads(la.to_v(x), heads),
+            attn_mask=masks.layout_allowed,
+        )
+        return la.to_out(_merge_heads(attended))
+
+    def _migc_plus(
+        self,
+        x: torch.Tensor,
+        a_all: torch.Tensor,
+        masks: FeatureMasks,
+        prep: dict[str, torch.Tensor],
+        perms: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MIGC++: refined-shader base + tanh(gamma) * SAC over [EA_1..EA_N, template] (29 shuffled slots)."""
+        b, hw, _ = x.shape
+        n = self.cond.count
+        height, width = masks.size
+        slots_n = SAC_PLUS_SLOTS
+        base = self._naive(a_all, masks, prep)
+        alpha = self._enhancement_alpha(x, prep)  # (B, N, HW, h)
+        template = self._layout_template(x, masks)
+        ea_mask = masks.instances * prep["ea"][:, None]  # (N, HW): m_i * ea_scale_i
+        bias = prep["conv2_bias"]
+        ea_logit = prep["ea_base_w"][:, None] + torch.einsum("bnph,nh->bnp", alpha, prep["ea_dir_w"])
+        inst_scores = ea_mask * ea_logit + bias  # (B, N, HW)
+        template_score = template @ prep["conv2"] + bias  # (B, HW)
+        # 29 slots: the instances then copies of the all-zero phase (logit = bias), shuffled.
+        pre_slots = torch.cat([inst_scores, bias.expand(b, slots_n - n, hw)], dim=1)
+        perms = perms.to(x.device)
+        slots = pre_slots.gather(1, perms[:, :, None].expand(b, slots_n, hw))
+        stack = torch.cat([slots, template_score[:, None]], dim=1).reshape(b, slots_n + 1, height, width)
+        refined = self.block.sac.cbam2(stack).reshape(b, slots_n + 1, hw)
+        inverse = torch.argsort(perms, dim=1)[:, :n]
+        inst_logits = refined[:, :-1].gather(1, inverse[:, :, None].expand(b, n, hw)) * prep["sac"][:, None]
+        logits = torch.cat([inst_logits, refined[:, -1:]], dim=1)
+        weights = logits.float().softmax(dim=1).to(x.dtype)  # (B, N+1, HW)
+        beta = weights[:, :-1] * ea_mask  # (B, N, HW): SAC weight of each (masked, scaled) EA map
+        sac_out = torch.einsum("bnp,nc->bpc", beta, prep["ea_base"])
+        sac_out = sac_out + torch.einsum("bnph,nhc->bpc", beta[..., None] * alpha, prep["ea_dir"])
+        sac_out = sac_out + weights[:, -1, :, None] * template
+        return base + prep["gate"] * sac_out, weights.reshape(b, n + 1, height, width)
 
     def _phase_scores(
         self, phases: torch.Tensor, height: int, width: int, prep: dict[str, torch.Tensor]

@@ -2,6 +2,8 @@
 
 A layer is named like its spatial transformer in the UNet (``middle_block.1``, ``output_blocks.3.1``),
 the names the checkpoint keys use. Both A1111 and (through its own UNet) Forge number blocks the same way.
+SD1.x/SD2.x spatial transformers hold one transformer block; SDXL's hold 2 or 10, and the attn2 of
+block k > 0 is named with a suffix (``output_blocks.3.1.4``) so training-free modes reach all of them.
 """
 from __future__ import annotations
 
@@ -12,16 +14,30 @@ import torch.nn as nn
 #: The attn2 layers that carry trained MIGC blocks in MIGC_SD14 (C = 1280; 8x8 and 16x16 at 512x512).
 MIGC_LAYERS = ("middle_block.1", "output_blocks.3.1", "output_blocks.4.1", "output_blocks.5.1")
 
-_ATTN2 = re.compile(r"^(?:.*\.)?((?:input_blocks|output_blocks)\.\d+\.\d+|middle_block\.\d+)\.transformer_blocks\.0\.attn2$")
+_ATTN2 = re.compile(
+    r"^(?:.*\.)?((?:input_blocks|output_blocks)\.\d+\.\d+|middle_block\.\d+)\.transformer_blocks\.(\d+)\.attn2$"
+)
+
+
+def layer_name(spatial_transformer: str, transformer_index: int) -> str:
+    """``output_blocks.3.1`` for the first transformer block, ``output_blocks.3.1.4`` for the fifth."""
+    return spatial_transformer if transformer_index == 0 else f"{spatial_transformer}.{transformer_index}"
+
+
+def split_layer_name(name: str) -> tuple[str, int]:
+    """Inverse of :func:`layer_name`: (spatial transformer, transformer block index)."""
+    parts = name.split(".")
+    base_len = 2 if parts[0] == "middle_block" else 3
+    return ".".join(parts[:base_len]), int(parts[base_len]) if len(parts) > base_len else 0
 
 
 def attn2_layers(unet: nn.Module) -> dict[str, nn.Module]:
-    """Layer name -> attn2 module of every spatial transformer (its first transformer block) in ``unet``."""
+    """Layer name -> attn2 module of every transformer block of every spatial transformer in ``unet``."""
     found = {}
     for name, module in unet.named_modules():
         match = _ATTN2.match(name)
         if match:
-            found[match.group(1)] = module
+            found[layer_name(match.group(1), int(match.group(2)))] = module
     return found
 
 

@@ -176,7 +176,7 @@ class UnetPatcher:
         self.set_model_patch(patch, "attn2_output_patch")
 
 
-_NAME = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)(?:\.1)?\.transformer_blocks\.0$")
+_NAME = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)(?:\.1)?\.transformer_blocks\.(\d+)$")
 
 
 def _blocks(unet):
@@ -185,7 +185,7 @@ def _blocks(unet):
         m = _NAME.match(name)
         if m:
             kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[m.group(1)]
-            found.append((module, (kind, 0 if kind == "middle" else int(m.group(2)))))
+            found.append((module, (kind, 0 if kind == "middle" else int(m.group(2))), int(m.group(3))))
     return found
 
 
@@ -193,11 +193,11 @@ def _blocks(unet):
 def forge_protocol(unet, options_holder):
     """Make the ldm transformer blocks call patches like Forge's BasicTransformerBlock._forward."""
     saved = []
-    for index, (blk, block) in enumerate(_blocks(unet)):
-        def forward(x, context=None, blk=blk, block=block, index=index):
+    for index, (blk, block, block_index) in enumerate(_blocks(unet)):
+        def forward(x, context=None, blk=blk, block=block, index=index, block_index=block_index):
             options = options_holder["options"]
             extra = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
-            extra.update(block=block, block_index=0, transformer_index=index, n_heads=blk.attn2.heads,
+            extra.update(block=block, block_index=block_index, transformer_index=index, n_heads=blk.attn2.heads,
                          dim_head=blk.attn2.to_q.out_features // blk.attn2.heads)
             patches = options.get("patches", {})
             replace = options.get("patches_replace", {}).get("attn2", {})
@@ -207,7 +207,7 @@ def forge_protocol(unet, options_holder):
                 value = ctx
                 for p in patches["attn2_patch"]:
                     n, ctx, value = p(n, ctx, value, extra)
-            key = (block[0], block[1], 0) if (block[0], block[1], 0) in replace else block
+            key = (block[0], block[1], block_index) if (block[0], block[1], block_index) in replace else block
             if key in replace:
                 value = ctx if value is None else value
                 n = blk.attn2.to_out(replace[key](blk.attn2.to_q(n), blk.attn2.to_k(ctx), blk.attn2.to_v(value), extra))

@@ -89,3 +89,39 @@ def migc_layer(attn, block, x, global_ctx, inst_ctx, pooled, boxes, inst_masks, 
     weights = torch.stack(logits).softmax(0)
     out = sum(weights[j].reshape(-1, 1) * maps[j] for j in range(n + 2))
     return out[None], weights[None]
+
+
+def migcplus_layer(attn, block, x, global_ctx, inst_ctx, pooled, boxes, inst_masks, bg_mask, size, perm,
+                   ea=None, sac=None, gamma_scale=1.0):
+    """MIGC++ literally (docs/modes/migcplus.md §4): base = naive fuser; phases = masked EA maps and the
+    LA template; conv2 as a real 1x1 conv on each (C, H, W) map; 29 shuffled slots then the template;
+    CBAM; softmax; out = base + tanh(gamma) * gamma_scale * sum."""
+    h, w = size
+    n, c = inst_ctx.shape[0], x.shape[-1]
+    ea = ea or [1.0] * n
+    base = naive_fuser(attn, x, global_ctx, inst_ctx, inst_masks)
+    xs = x.repeat(n, 1, 1)
+    b = torch.tensor(boxes, dtype=torch.float32)[:, [0, 2, 1, 3]]
+    feats = []
+    for k in range(8):
+        f = 100 ** (k / 8)
+        feats += [torch.sin(f * b), torch.cos(f * b)]
+    box_tok = block.pos_net.linears_position(torch.cat(feats, -1).to(x.dtype))
+    e = cross_attention(block.norm(xs), torch.stack([pooled, box_tok], 1), block.ea.to_q, block.ea.to_k, block.ea.to_v,
+                        block.ea.to_out, 8)
+    e = [e[i] * inst_masks[i][:, None] * ea[i] for i in range(n)]
+    regions = torch.cat([inst_masks, bg_mask[None]])
+    allowed = (regions[:, :, None] * regions[:, None, :]).sum(0) > 0
+    t = cross_attention(x, x, block.la.to_q, block.la.to_k, block.la.to_v, block.la.to_out, 8, mask=allowed)[0]
+    score = lambda mp: block.sac.conv2(mp.T.reshape(1, c, h, w))[0, 0]  # noqa: E731
+    s_inst = [score(m) for m in e]
+    s_null = score(torch.zeros_like(t))
+    pre = s_inst + [s_null] * (29 - n)
+    stack = torch.stack([pre[int(j)] for j in perm] + [score(t)])[None]
+    refined = _cbam(block.sac.cbam2, stack)[0]
+    inverse = torch.argsort(perm)
+    logits = [refined[int(inverse[i])] * (1.0 if sac is None else sac[i]) for i in range(n)] + [refined[29]]
+    weights = torch.stack(logits).softmax(0)
+    maps = e + [t]
+    sac_out = sum(weights[j].reshape(-1, 1) * maps[j] for j in range(n + 1))
+    return base + torch.tanh(block.gamma) * gamma_scale * sac_out[None], weights[None]

@@ -138,15 +138,58 @@ def test_pickled_code_is_never_executed(tmp_path, official_state):
     assert not marker.exists()
 
 
-def test_a_migc_plus_file_is_recognised_and_explained(tmp_path):
+MIGCPLUS_LAYERS = {"mid_block.attentions.0": ("middle_block.1", 1280), "up_blocks.1.attentions.0": ("output_blocks.3.1", 1280),
+                   "up_blocks.1.attentions.2": ("output_blocks.5.1", 1280), "down_blocks.0.attentions.1": ("input_blocks.2.1", 320)}
+
+
+def _migcplus_state(seed=5, layers=MIGCPLUS_LAYERS):
+    """A random file in the official MIGC++ layout: a flat dict, diffusers names, 26 sub-keys per layer."""
+    from lib_migc.modules import expected_state_shapes
+
+    g = torch.Generator().manual_seed(seed)
     state = {}
-    for layer in ("mid_block.attentions.0", "up_blocks.1.attentions.0"):
-        for sub, shape in official_subkeys().items():
-            if "conv1" in sub or "cbam1" in sub:
-                continue
-            state[f"{layer}.transformer_blocks.0.attn2.processor.{sub}"] = torch.zeros(shape)
-        state[f"{layer}.transformer_blocks.0.attn2.processor.migc.gamma"] = torch.zeros(1)
-    assert "MIGC++ checkpoint" in _error(tmp_path, state, "MIGC++_SD14.ckpt")
+    for diffusers_name, (_, channels) in layers.items():
+        for sub, shape in expected_state_shapes(channels, plus=True).items():
+            state[f"{diffusers_name}.transformer_blocks.0.attn2.processor.migc.{sub}"] = torch.randn(shape, generator=g)
+    return state
+
+
+def test_a_migc_plus_file_loads_strictly_with_the_layers_its_keys_name(tmp_path):
+    state = _migcplus_state()
+    torch.save(state, tmp_path / "MIGC++_SD14.ckpt")  # flat dict, as the official file
+    save_file(state, str(tmp_path / "MIGC++_SD14.safetensors"))
+    for name in ("MIGC++_SD14.ckpt", "MIGC++_SD14.safetensors"):
+        weights = load_migc_weights(str(tmp_path / name))
+        assert weights.kind == "migc++" and weights.plus and weights.label == "MIGC++"
+        assert set(weights.layers) == {ldm for ldm, _ in MIGCPLUS_LAYERS.values()}
+        for diffusers_name, (ldm, channels) in MIGCPLUS_LAYERS.items():
+            block = weights.blocks[ldm]
+            assert block.plus and block.channels == channels and len(block.state_dict()) == 26
+            for sub, tensor in block.state_dict().items():
+                assert torch.equal(tensor, state[f"{diffusers_name}.transformer_blocks.0.attn2.processor.migc.{sub}"])
+    c1280 = [b for b in weights.blocks.values() if b.channels == 1280][0]
+    assert sum(p.numel() for p in c1280.parameters()) == 12_494_760
+
+
+def test_a_truncated_or_misnamed_migc_plus_file_lists_every_problem(tmp_path):
+    state = _migcplus_state()
+    prefix = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.migc."
+    del state[prefix + "sac.conv2.bias"]  # truncated
+    state[prefix + "gama"] = state.pop(prefix + "gamma")  # misnamed
+    state["mid_block.attentions.0.transformer_blocks.0.attn2.processor.migc.sac.cbam2.ChannelGate.mlp.1.weight"] = torch.zeros(29, 30)
+    message = _error(tmp_path, state, "MIGC++_SD14.ckpt")
+    assert "not a valid MIGC++ checkpoint" in message and "26 keys per layer" in message
+    assert "output_blocks.3.1: missing 2 key(s): migc.gamma, migc.sac.conv2.bias" in message
+    assert "output_blocks.3.1: unexpected key(s): migc.gama" in message
+    assert "middle_block.1: wrong shape or dtype: sac.cbam2.ChannelGate.mlp.1.weight (29, 30) (expected (30, 30))" in message
+
+
+def test_a_migc_file_with_a_gamma_is_checked_as_migc_plus(tmp_path, official_state):
+    """A MIGC file is never half-loaded as the other kind: the kind decides the expected keys."""
+    state = dict(official_state)
+    state["model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.migc.gamma"] = torch.zeros(1)
+    message = _error(tmp_path, state)
+    assert "not a valid MIGC++ checkpoint" in message and "unexpected key(s): migc.sac.cbam1" in message
 
 
 def test_convert_cli_writes_a_safetensors_that_loads_the_same(tmp_path, official_state):

@@ -53,7 +53,7 @@ def _one(**fields):
     (_one(description=""), ["instances[1]", "'description'", "non-empty"]),
     (_one(description="   "), ["instances[1]", "'description'"]),
     (_one(description=None), ["instances[1]", "'description'"]),
-    (_one(colour="red"), ["instances[1]", "'colour'", "allowed: description, box, ca, ea, sac"]),
+    (_one(colour="red"), ["instances[1]", "'colour'", "allowed: description, box, mask, ca, ea, sac"]),
     (_one(ca=-1), ["instances[1]", "'ca'", "0 to 10"]),
     (_one(sac=float("nan")), ["instances[1]", "'sac'"]),
     (_one(ea="high"), ["instances[1]", "'ea'"]),
@@ -79,10 +79,10 @@ def test_error_mentions_the_box_number_and_description():
         parse_layout(_one(box=[0.5, 0.5, 0.1, 0.1]))
 
 
-def test_at_most_28_instances():
+def test_at_most_29_instances_the_capacity_of_migc_plus():
     inst = {"description": "x", "box": [0, 0, 1, 1]}
-    assert len(parse_layout([inst] * MAX_INSTANCES)) == 28
-    with pytest.raises(LayoutError, match="29 instances given; MIGC supports at most 28"):
+    assert len(parse_layout([inst] * MAX_INSTANCES)) == 29
+    with pytest.raises(LayoutError, match="30 instances given; at most 29"):
         parse_layout([inst] * (MAX_INSTANCES + 1))
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..shading import ShadingMode
-from ..unet_layers import attn2_layers
+from ..unet_layers import attn2_layers, layer_name, split_layer_name
 from .base import HooksBase
 
 
@@ -41,18 +41,22 @@ def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     return None
 
 
-def block_key(layer: str) -> tuple[str, int]:
-    """Our layer name -> Forge's transformer block key: ``output_blocks.3.1`` -> ("output", 3)."""
-    kind, index = layer.split(".")[:2]
-    return {"input_blocks": ("input", int(index)), "middle_block": ("middle", 0), "output_blocks": ("output", int(index))}[kind]
+def block_key(layer: str) -> tuple[str, int, int]:
+    """Our layer name -> Forge's transformer block key: ``output_blocks.3.1.4`` -> ("output", 3, 4)."""
+    base, transformer_index = split_layer_name(layer)
+    kind, index = base.split(".")[:2]
+    names = {"input_blocks": ("input", int(index)), "middle_block": ("middle", 0), "output_blocks": ("output", int(index))}
+    return (*names[kind], transformer_index)
 
 
-def layer_of(block: Any) -> str | None:
-    """Forge's ``extra_options["block"]`` -> our layer name."""
+def layer_of(extra_options: dict) -> str | None:
+    """Forge's ``extra_options`` (``block`` and ``block_index``) -> our layer name."""
+    block = extra_options.get("block")
     if not block:
         return None
     kind, index = block[0], int(block[1])
-    return {"input": f"input_blocks.{index}.1", "middle": "middle_block.1", "output": f"output_blocks.{index}.1"}.get(kind)
+    base = {"input": f"input_blocks.{index}.1", "middle": "middle_block.1", "output": f"output_blocks.{index}.1"}.get(kind)
+    return None if base is None else layer_name(base, int(extra_options.get("block_index", 0) or 0))
 
 
 def _forge_attention() -> Callable:
@@ -92,7 +96,7 @@ class Hooks(HooksBase):
         before, replace, after = self._patches()
         clone.set_model_attn2_patch(before)
         for name in names:
-            clone.set_model_attn2_replace(replace, *block_key(name), 0)
+            clone.set_model_attn2_replace(replace, *block_key(name))
         clone.set_model_attn2_output_patch(after)
         p.sd_model.forge_objects.unet = clone
         self._active = True
@@ -118,7 +122,7 @@ class Hooks(HooksBase):
             if not live():
                 return n, context, value
             self.raise_pending_error()
-            layer = layer_of(extra_options.get("block"))
+            layer = layer_of(extra_options)
             if layer in layers:
                 mode = session.mode_for(layer)
                 if session.is_shaded(mode) and extra_options.get("cond_indices"):
@@ -127,7 +131,7 @@ class Hooks(HooksBase):
 
         def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
             heads = extra_options["n_heads"]
-            if layer_of(extra_options.get("block")) not in stash:
+            if layer_of(extra_options) not in stash:
                 return attention(q, k, v, heads)
             out = q.new_zeros(q.shape)
             uncond = extra_options.get("uncond_indices") or []
@@ -136,7 +140,7 @@ class Hooks(HooksBase):
             return out
 
         def after(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
-            layer = layer_of(extra_options.get("block"))
+            layer = layer_of(extra_options)
             kept = stash.pop(layer, None) if layer is not None else None
             if kept is None:
                 return n
