@@ -22,11 +22,11 @@ from . import fusion_job, settings, weights_store
 from .draw import draw_layout
 from .errors import MigcError
 from .layout import MAX_MIGC_INSTANCES, fit_masks
-from .params import INFOTEXT_KEY, UI_FIELDS, MigcParams, with_descriptions_appended
+from .params import INFOTEXT_KEY, MODE_MIGC, MODE_MULTIDIFFUSION, MODE_NAIVE, UI_FIELDS, MigcParams, with_descriptions_appended
 from .session import MigcSession
 from .shading import InstanceConditioning
 from .structure import TextEngine, build_runtime, skipped_message
-from .text_encoding import encode_phrases
+from .text_encoding import encode_conditioning, encode_phrases
 
 log = logging.getLogger("migc")
 
@@ -70,14 +70,28 @@ def before_process(p: Any) -> None:
     _finish()
 
 
-def decline_reason(p: Any, host: ModuleType) -> str | None:
-    """Why MIGC cannot run on this job's model, as a message for the user; None when it can."""
-    model = p.sd_model
-    if not getattr(model, "is_sd1", False):
-        family = "an SDXL" if getattr(model, "is_sdxl", False) else "an SD2.x" if getattr(model, "is_sd2", False) else "a non-SD1.x"
-        hint = " StructureDiffusion (below MIGC in the panel) works without MIGC on SD1.x and SD2.x." if family != "an SDXL" else ""
-        return (f"MIGC was skipped: it needs an SD1.x checkpoint (its weights were trained on SD1.4) and {family} "
-                f"model is loaded, so this image was generated without MIGC.{hint}")
+def model_family(model: Any) -> str | None:
+    """"sd1", "sd2", "sdxl" or None (another architecture, e.g. Flux on Forge)."""
+    for family in ("sd1", "sd2", "sdxl"):
+        if getattr(model, f"is_{family}", False):
+            return family
+    return None
+
+
+def decline_reason(p: Any, host: ModuleType, mode: str = MODE_MIGC) -> str | None:
+    """Why the instance mode cannot run on this job's model, as a message for the user; None when it can."""
+    family = model_family(p.sd_model)
+    if mode != MODE_MIGC:
+        if family is None:
+            return (f"MIGC ({mode} mode) was skipped: it supports SD1.x, SD2.x and SDXL checkpoints, and this model "
+                    "has another architecture, so the image was generated without it.")
+        return host.decline_reason(p, f"MIGC ({mode} mode)") if mode == MODE_NAIVE else None
+    if family != "sd1":
+        name = {"sd2": "an SD2.x", "sdxl": "an SDXL"}.get(family, "a non-SD1.x")
+        return (f"MIGC was skipped: it needs an SD1.x checkpoint (its weights were trained on SD1.4) and {name} "
+                "model is loaded, so this image was generated without MIGC. The training-free modes work on this "
+                "model with the same boxes: set Mode to 'naive' (cheap) or 'multidiffusion' (stronger, slower) "
+                '(API: "mode": "naive" / "multidiffusion").')
     return host.decline_reason(p)
 
 
@@ -109,7 +123,7 @@ def _effective(p: Any, params: MigcParams, host: ModuleType) -> MigcParams | Non
     if params.enabled and not len(params.layout) and not (structure or fusion):
         p.comment("MIGC is enabled but the layout has no instances: nothing to do.")
     reasons = {
-        "migc": decline_reason(p, host) if migc else None,
+        "migc": decline_reason(p, host, params.mode) if migc else None,
         "structure": structure_decline_reason(p, host) if structure else None,
         "fusion": fusion_job.decline_reason(p, host) if fusion else None,
     }
@@ -145,6 +159,7 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
         if params.enabled:
             # Masks at the image size from here on: the generation and the infotext see the same values.
             job.params = params = replace(params, layout=fit_masks(params.layout, p.width, p.height))
+        if params.enabled and params.mode == MODE_MIGC:
             job.weights_hash = weights_store.short_hash(weights_store.resolve(settings.models_dir(), params.weights))
         if params.magicfusion.enabled:
             fusion_job.check_job(p, params)
@@ -152,7 +167,7 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
     except MigcError as exc:
         job.error = exc
     _write_infotext(job)
-    if params.enabled and params.append_descriptions:
+    if params.enabled and params.append_descriptions and params.mode != MODE_MULTIDIFFUSION:
         descriptions = params.layout.descriptions
         for name in ("all_prompts", "all_hr_prompts"):
             prompts = getattr(p, name, None)
@@ -179,7 +194,12 @@ def _prepare(job: Job) -> MigcSession:
     reference = next(job.host.unet_of(p).parameters())
     conditioning = InstanceConditioning.build(torch.zeros((0, 77, 768)), torch.zeros((0, 768)), [])
     weights, global_context, error = None, None, job.error
-    if error is None and params.enabled:
+    if error is None and params.enabled and params.mode == MODE_NAIVE:
+        try:
+            return _prepare_naive(job)
+        except MigcError as exc:
+            error = exc
+    elif error is None and params.enabled and params.mode == MODE_MIGC:
         try:
             path = weights_store.resolve(settings.models_dir(), params.weights)
             weights = weights_store.load_cached(path, reference.device, reference.dtype)
@@ -188,11 +208,7 @@ def _prepare(job: Job) -> MigcSession:
             _write_infotext(job, weights.kind)
             with devices.autocast():
                 contexts, pooled = encode_phrases(p.sd_model, layout.descriptions)
-                if not params.use_main_prompt:
-                    if not layout.global_prompt:
-                        raise MigcError("MIGC: 'Use main prompt as global prompt' is off but the global prompt is empty; "
-                                        "type a global prompt or turn the option back on.")
-                    global_context = encode_phrases(p.sd_model, [layout.global_prompt])[0]
+                global_context = _own_global_context(params, lambda texts: encode_phrases(p.sd_model, texts)[0])
             conditioning = InstanceConditioning.build(
                 contexts, pooled, layout.boxes, layout.scales("ca"), layout.scales("ea"), layout.scales("sac"))
         except MigcError as exc:
@@ -200,6 +216,32 @@ def _prepare(job: Job) -> MigcSession:
     session = MigcSession(job.params, conditioning, weights, global_context)
     session.pending_error = error
     return session
+
+
+def _own_global_context(params: MigcParams, encode: Any) -> torch.Tensor | None:
+    """The layout's own global prompt, encoded, when it replaces the main prompt in the shaded layers."""
+    if params.use_main_prompt:
+        return None
+    if not params.layout.global_prompt:
+        raise MigcError("MIGC: 'Use main prompt as global prompt' is off but the global prompt is empty; "
+                        "type a global prompt or turn the option back on.")
+    return encode([params.layout.global_prompt])
+
+
+def _prepare_naive(job: Job) -> MigcSession:
+    """The weight-free fuser on every attn2 for max(MIGC steps, naive steps) of the steps, any SD family:
+    instance contexts come from the model's own text conditioning (SDXL: both encoders)."""
+    from modules import devices
+
+    p, params = job.p, job.params
+    layout = params.layout
+    with devices.autocast():
+        contexts, _ = encode_conditioning(p.sd_model, layout.descriptions, p.width, p.height)
+        global_context = _own_global_context(params, lambda texts: encode_conditioning(p.sd_model, texts, p.width, p.height)[0])
+    pooled = torch.zeros((len(layout), contexts.shape[-1]))  # only MIGC's Enhancement Attention reads it
+    conditioning = InstanceConditioning.build(contexts, pooled, layout.boxes)
+    steps = max(params.migc_steps, params.naive_steps)
+    return MigcSession(replace(params, migc_steps=0.0, naive_steps=steps), conditioning, None, global_context)
 
 
 def before_sampling(p: Any) -> None:

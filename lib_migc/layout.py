@@ -21,7 +21,7 @@ MAX_MIGC_INSTANCES = 28
 #: Per-instance scales multiply the instance's CA/EA outputs and its SAC logit; 1 is the trained behaviour.
 SCALE_RANGE = (0.0, 10.0)
 SCALE_FIELDS = ("ca", "ea", "sac")
-INSTANCE_KEYS = ("description", "box", "mask") + SCALE_FIELDS
+INSTANCE_KEYS = ("description", "box", "mask", "negative") + SCALE_FIELDS
 LAYOUT_KEYS = ("global_prompt", "instances")
 
 Box = tuple[float, float, float, float]
@@ -44,6 +44,7 @@ class Instance:
     sac: float = 1.0
     mask: str | None = None
     box_given: bool = True
+    negative: str | None = None  # MultiDiffusion's per-region negative prompt (None: the main negative)
 
     def to_dict(self) -> dict[str, Any]:
         """Compact dict: scales are written only when they differ from the default, a derived box never."""
@@ -52,6 +53,8 @@ class Instance:
             out["box"] = [_compact(v) for v in self.box]
         if self.mask is not None:
             out["mask"] = self.mask
+        if self.negative is not None:
+            out["negative"] = self.negative
         for name in SCALE_FIELDS:
             value = getattr(self, name)
             if value != 1.0:
@@ -72,6 +75,10 @@ class Layout:
     @property
     def boxes(self) -> list[Box]:
         return [inst.box for inst in self.instances]
+
+    @property
+    def negatives(self) -> list[str | None]:
+        return [inst.negative for inst in self.instances]
 
     @property
     def has_masks(self) -> bool:
@@ -208,8 +215,12 @@ def _parse_instance(index: int, raw: Any) -> Instance:
         if number is None or not math.isfinite(number) or not lo <= number <= hi:
             raise LayoutError(f"{where}: field '{name}' = {raw[name]!r} is not allowed; use a number from {lo:g} to {hi:g} (1 = default).")
         scales[name] = number
+    negative = raw.get("negative")
+    if negative is not None and not isinstance(negative, str):
+        raise LayoutError(f"{where}: field 'negative' must be a text (this region's negative prompt for MultiDiffusion) or null.")
+    negative = negative.strip() if negative and negative.strip() else None
     return Instance(description=description.strip(), box=(x0, y0, x1, y1), mask=mask,
-                    box_given=raw.get("box") is not None, **scales)
+                    box_given=raw.get("box") is not None, negative=negative, **scales)
 
 
 def _parse_mask(where: str, value: Any) -> tuple[str, list[float]]:

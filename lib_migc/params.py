@@ -18,6 +18,11 @@ from .structure_params import StructureParams
 
 DEFAULT_WEIGHTS = "MIGC_SD14.ckpt"
 INFOTEXT_KEY = "MIGC"
+#: How the instances are realised: the trained MIGC/MIGC++ layers, or a training-free mode.
+MODE_MIGC, MODE_MULTIDIFFUSION, MODE_NAIVE = "migc", "multidiffusion", "naive"
+MODES = (MODE_MIGC, MODE_MULTIDIFFUSION, MODE_NAIVE)
+#: Official MultiDiffusion bootstraps 20 of its 50 steps.
+DEFAULT_BOOTSTRAP = 0.4
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,9 @@ class MigcParams:
     hires: run MIGC in the hires-fix pass too.
     structure: StructureDiffusion, which runs with MIGC or alone (``enabled`` is MIGC's own switch).
     magicfusion: MagicFusion (a second checkpoint's noise blended in by saliency), with the others or alone.
+    mode: ``migc`` (trained weights, SD1.x), ``naive`` (MIGC's weight-free fuser on every attn2, any
+    family) or ``multidiffusion`` (region fusion of the denoiser output, any family).
+    md_bootstrap: MultiDiffusion's bootstrapping phase as a fraction of the steps (0 = off).
     """
 
     enabled: bool = False
@@ -46,6 +54,12 @@ class MigcParams:
     hires: bool = False
     structure: StructureParams = field(default_factory=StructureParams)
     magicfusion: FusionParams = field(default_factory=FusionParams)
+    mode: str = MODE_MIGC
+    md_bootstrap: float = DEFAULT_BOOTSTRAP
+
+    @property
+    def training_free(self) -> bool:
+        return self.mode != MODE_MIGC
 
     # ------------------------------------------------------------------ formats
     @classmethod
@@ -128,7 +142,7 @@ class MigcParams:
         return [
             self.enabled, self.weights, layout.to_json() if len(layout) else "", self.migc_steps, self.naive_steps,
             self.use_main_prompt, self.layout.global_prompt or "", self.append_descriptions, self.draw_boxes, self.hires,
-            *self.structure.ui_values(), *self.magicfusion.ui_values(),
+            *self.structure.ui_values(), *self.magicfusion.ui_values(), self.mode, self.md_bootstrap,
         ]
 
     # ------------------------------------------------------------------ validation
@@ -137,7 +151,10 @@ class MigcParams:
         for name in ("enabled", "use_main_prompt", "append_descriptions", "draw_boxes", "hires"):
             if name in values and values[name] is not None and not isinstance(values[name], bool):
                 raise MigcError(f"MIGC: field '{name}' must be true or false, got {values[name]!r}.")
-        for name in ("migc_steps", "naive_steps"):
+        mode = values.get("mode")
+        if mode is not None and mode not in MODES:
+            raise MigcError(f"MIGC: field 'mode' = {mode!r} is not allowed; use one of {', '.join(MODES)}.")
+        for name in ("migc_steps", "naive_steps", "md_bootstrap"):
             if name not in values or values[name] is None:
                 continue
             value = values[name]
@@ -157,14 +174,14 @@ UI_FIELDS: tuple[str, ...] = (
     "append_descriptions", "draw_boxes", "hires",
     "structure_enabled", "structure_mode", "structure_phrases", "structure_custom",
     "fusion_enabled", "fusion_model_b", "fusion_prompt_b", "fusion_k_a", "fusion_k_b", "fusion_window_mode",
-    "fusion_switch_t", "fusion_hires",
+    "fusion_switch_t", "fusion_hires", "mode", "md_bootstrap",
 )
-STRUCTURE_UI_FIELDS = UI_FIELDS[-12:-8]
-FUSION_UI_FIELDS = UI_FIELDS[-8:]
+STRUCTURE_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("structure_"))
+FUSION_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("fusion_"))
 #: API dict form.
 API_FIELDS: tuple[str, ...] = (
     "enabled", "weights", "instances", "global_prompt", "migc_steps", "naive_steps", "use_main_prompt",
-    "append_descriptions", "draw_boxes", "hires", "structure", "magicfusion",
+    "append_descriptions", "draw_boxes", "hires", "structure", "magicfusion", "mode", "md_bootstrap",
 )
 
 

@@ -53,3 +53,26 @@ def encode_phrases(sd_model: Any, phrases: Sequence[str]) -> tuple[torch.Tensor,
     first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), last)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), first_eos]
     return contexts, pooled.clone()
+
+
+@torch.no_grad()
+def encode_conditioning(sd_model: Any, texts: Sequence[str], width: int | None = None,
+                        height: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(contexts (N, 77*k, D), pooled vectors (N, V) or None) through the model's own text conditioning.
+
+    Family-agnostic, for the training-free modes: SD1.x (768), SD2.x (1024) and SDXL (2048, both text
+    encoders, plus the 2816-d vector of pooled text and size embeddings that SDXL's UNet takes as ``y``).
+    The size embedding is built for the image's ``width`` x ``height`` like the WebUI's own prompts.
+    """
+    batch: Any = list(texts)
+    if width and height:
+        try:
+            from modules.prompt_parser import SdConditioning
+
+            batch = SdConditioning(batch, width=width, height=height)
+        except (ImportError, TypeError):
+            pass
+    cond = sd_model.get_learned_conditioning(batch)
+    if isinstance(cond, dict):
+        return cond["crossattn"], cond.get("vector")
+    return cond, None

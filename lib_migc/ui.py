@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .params import INFOTEXT_KEY, MigcParams, UI_FIELDS
+from .params import DEFAULT_BOOTSTRAP, INFOTEXT_KEY, MODES, MigcParams, UI_FIELDS
 from . import settings, weight_files
 
 LAYOUT_EXAMPLE = (
@@ -51,6 +51,11 @@ def build_panel(is_img2img: bool) -> list[Any]:
         choices = weight_files.list_weight_files(folder)
         default = settings.option("migc_default_weights")
         with gr.Row():
+            mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=f"{tab}_migc_mode")
+            bootstrap = gr.Slider(0.0, 1.0, value=DEFAULT_BOOTSTRAP, step=0.01, elem_id=f"{tab}_migc_md_bootstrap",
+                                  label="MultiDiffusion bootstrapping (fraction of steps; 0 = off)")
+        gr.Markdown(mode_hint(bool(choices), folder), elem_id=f"{tab}_migc_mode_hint")
+        with gr.Row():
             weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
                                   elem_id=f"{tab}_migc_weights", allow_custom_value=True)
             refresh = _tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
@@ -78,9 +83,21 @@ def build_panel(is_img2img: bool) -> list[Any]:
             return gr.update(choices=found or [settings.option("migc_default_weights")])
 
         refresh.click(fn=refresh_choices, inputs=[], outputs=[weights])
-    components = [enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append, draw_boxes, hires, *structure, *fusion]
+    components = [enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append, draw_boxes, hires,
+                  *structure, *fusion, mode, bootstrap]
     assert len(components) == len(UI_FIELDS)
     return components
+
+
+def mode_hint(have_weights: bool, folder: str) -> str:
+    """Which mode to pick: MIGC needs its weights and an SD1.x model; the others need neither."""
+    modes = ("**migc**: the trained MIGC / MIGC++ layers (SD1.x, weights file). **naive**: MIGC's weight-free fuser "
+             "on every cross-attention (SD1.x, SD2.x, SDXL; cheap). **multidiffusion**: each box denoised with its own "
+             "prompt and fused per pixel (any model; about (N+2)/2 times the time of a plain image).")
+    if have_weights:
+        return modes
+    return (f"⚠ No MIGC weights found in {folder}: choose **naive** or **multidiffusion**, which need none, "
+            "or download MIGC_SD14.ckpt there. " + modes)
 
 
 STRUCTURE_HELP = (

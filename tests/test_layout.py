@@ -53,7 +53,7 @@ def _one(**fields):
     (_one(description=""), ["instances[1]", "'description'", "non-empty"]),
     (_one(description="   "), ["instances[1]", "'description'"]),
     (_one(description=None), ["instances[1]", "'description'"]),
-    (_one(colour="red"), ["instances[1]", "'colour'", "allowed: description, box, mask, ca, ea, sac"]),
+    (_one(colour="red"), ["instances[1]", "'colour'", "allowed: description, box, mask, negative, ca, ea, sac"]),
     (_one(ca=-1), ["instances[1]", "'ca'", "0 to 10"]),
     (_one(sac=float("nan")), ["instances[1]", "'sac'"]),
     (_one(ea="high"), ["instances[1]", "'ea'"]),

@@ -102,6 +102,8 @@ class Hooks(HooksBase):
         """From the CFG-denoiser callback: this step's index and row layout (``CFGDenoiserParams``)."""
         self.session.set_step(step, total_steps)
         text_cond, uncond = params.text_cond, params.text_uncond
+        if isinstance(text_cond, dict):  # SDXL: {"crossattn", "vector"}
+            text_cond, uncond = text_cond.get("crossattn"), uncond.get("crossattn") if isinstance(uncond, dict) else uncond
         if not isinstance(text_cond, torch.Tensor):
             self.rows.cond_rows = None
             return
