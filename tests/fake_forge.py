@@ -228,7 +228,7 @@ def forge_protocol(unet, options_holder):
             del blk._forward
 
 
-def run_unet(patcher, x, context, cond_or_uncond, t=500.0):
+def run_unet(patcher, x, context, cond_or_uncond, t=500.0, **extra):
     """One UNet call of Forge's sampling function: rows grouped per entry of ``cond_or_uncond``."""
     per = x.shape[0] // len(cond_or_uncond)
     cond = [i * per + j for i, c in enumerate(cond_or_uncond) if c == 0 for j in range(per)]
@@ -239,7 +239,7 @@ def run_unet(patcher, x, context, cond_or_uncond, t=500.0):
     holder = {"options": options}
     unet = patcher.model.diffusion_model
     with forge_protocol(unet, holder), torch.no_grad():
-        return unet(x, torch.full((x.shape[0],), t), context=context)
+        return unet(x, torch.full((x.shape[0],), t), context=context, **extra)
 
 
 class ClassicTextProcessingEngine(FrozenCLIPEmbedderWithCustomWords):
@@ -260,3 +260,16 @@ class ForgeSDModel(torch.nn.Module):
 
     def get_learned_conditioning(self, prompts):
         return self.text_processing_engine(prompts)
+
+
+class ForgeFamilyModel(ForgeSDModel):
+    """Forge's SD2.x / SDXL model: ``get_learned_conditioning`` as the A1111 fake's (tensor or dict)."""
+
+    def __init__(self, unet, text_model, family):
+        super().__init__(unet, text_model, family)
+        from fake_webui import FakeFamilyModel
+
+        self._a1111 = FakeFamilyModel(unet, text_model, family)
+
+    def get_learned_conditioning(self, prompts):
+        return self._a1111.get_learned_conditioning(prompts)

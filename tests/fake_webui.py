@@ -189,3 +189,27 @@ class FakeProcessing:
 
     def comment(self, text):
         self.comments[text] = 1
+
+
+class FakeFamilyModel(FakeSDModel):
+    """A1111's loaded SD2.x or SDXL model as far as the training-free modes see it: the UNet and
+    ``get_learned_conditioning``, which returns SD2's (N, 77k, 1024) tensor or SDXL's
+    {"crossattn": (N, 77k, 2048), "vector": (N, 2816)} dict (both text encoders in the real model;
+    here the tiny CLIP plus a fixed random projection, enough to give each prompt its own context)."""
+
+    WIDTHS = {"sd2": 1024, "sdxl": 2048}
+
+    def __init__(self, unet, text_model, family):
+        super().__init__(unet, text_model, family)
+        g = torch.Generator().manual_seed(17)
+        self.projection = torch.randn((768, self.WIDTHS[family]), generator=g) / 768 ** 0.5
+        self.vector_projection = torch.randn((768, 2816), generator=g) / 768 ** 0.5
+        self.conditioning_calls = []
+
+    def get_learned_conditioning(self, texts):
+        self.conditioning_calls.append(texts)
+        hidden = self.cond_stage_model(list(texts))
+        context = hidden @ self.projection
+        if not self.is_sdxl:
+            return context
+        return {"crossattn": context, "vector": hidden[:, 0] @ self.vector_projection}

@@ -101,3 +101,41 @@ def finish_job(p):
 
     job.after_batch(p)
     job.postprocess(p, SimpleNamespace(images=[], infotexts=[]))
+
+
+def build_family_unet(family: str, model_channels: int = 32, seed: int = 0):
+    """Tiny real ldm UNets shaped like SD2.x (1024-d context, linear projections) or SDXL (2048-d context,
+    two transformer blocks per spatial transformer, a 2816-d ``y`` vector through ``label_emb``). sgm's
+    SDXL classes are not on PyPI; ldm's UNet in this shape runs the same attn2 modules the hooks see."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if family == "sd1":
+        return build_unet(model_channels, seed)
+    torch.manual_seed(seed)
+    sdxl = family == "sdxl"
+    unet = UNetModel(
+        image_size=32, in_channels=4, out_channels=4, model_channels=model_channels,
+        attention_resolutions=[4, 2, 1], num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8,
+        use_spatial_transformer=True, transformer_depth=2 if sdxl else 1, context_dim=[2048, 2048] if sdxl else 1024,
+        use_linear_in_transformer=True, use_checkpoint=False, legacy=False, num_classes="continuous" if sdxl else None,
+    )
+    if sdxl:
+        unet.label_emb = torch.nn.Linear(2816, model_channels * 4)
+        for module in unet.modules():
+            if type(module).__name__ == "SpatialTransformer":
+                module.__class__ = _sgm_like_spatial_transformer(type(module))
+    rerandomise_zero_params(unet, seed)
+    return unet.eval().requires_grad_(False)
+
+
+def _sgm_like_spatial_transformer(base: type) -> type:
+    """ldm's SpatialTransformer indexes one context per transformer block; sgm's (SDXL) reuses a single
+    context for every block. Same modules, sgm's rule."""
+
+    class SgmLikeSpatialTransformer(base):
+        def forward(self, x, context=None):
+            if not isinstance(context, list):
+                context = [context] * len(self.transformer_blocks)
+            return super().forward(x, context=context)
+
+    return SgmLikeSpatialTransformer
