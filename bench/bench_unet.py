@@ -1,10 +1,12 @@
-"""End to end: one CFG UNet forward of a full-size SD1 UNet with MIGC off, MIGC on, NaiveFuser on,
-and StructureDiffusion (default and conjunction mode).
+"""End to end: one CFG UNet forward of a full-size SD1 UNet with MIGC off, MIGC on, MIGC++ on, NaiveFuser
+on, and StructureDiffusion (default and conjunction mode).
 
     python bench/bench_unet.py [--sizes 512x512,768x512,1024x1024] [--instances 1,2,4,6,8,16]
-                               [--structure 2,4] [--repeats 3] [--device cpu|cuda] [--threads N]
+                               [--plus 1,4,6,8] [--structure 2,4] [--repeats 3] [--device cpu|cuda] [--threads N]
 
-``--instances none`` / ``--structure none`` leave those rows out. Compare StructureDiffusion with
+``--instances none`` / ``--plus none`` / ``--structure none`` leave those rows out. MIGC++ rows use its
+4 weighted layers; the extra row "MIGC++ + refined shader on the other 12" is the official script's
+schedule (RefinedSteps = all steps). Compare StructureDiffusion with
 ``--attention sdp`` (the WebUI's usual optimisation): its cond rows run through SDPA, and ldm's own
 attention is slower than that, which would flatter it.
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from lib_migc.checkpoint import MigcWeights  # noqa: E402
 from lib_migc.hosts.a1111 import Hooks  # noqa: E402
 from lib_migc.layout import parse_layout  # noqa: E402
-from lib_migc.modules import MIGCBlock  # noqa: E402
+from lib_migc.modules import MIGCBlock, MIGCPlusBlock  # noqa: E402
 from lib_migc.params import MigcParams  # noqa: E402
 from lib_migc.session import MigcSession  # noqa: E402
 from lib_migc.shading import InstanceConditioning  # noqa: E402
@@ -112,13 +114,15 @@ def build_sd1_unet(device, dtype):
     return unet.to(device, dtype).eval().requires_grad_(False)
 
 
-def session_for(n: int, naive_only: bool, blocks, width: int, height: int, device, dtype) -> MigcSession:
+def session_for(n: int, naive_only: bool, blocks, width: int, height: int, device, dtype, kind: str = "migc",
+                naive_too: bool = False) -> MigcSession:
     layout = parse_layout([{"description": f"thing {i}", "box": list(GRID[i % len(GRID)])} for i in range(n)])
-    params = MigcParams(enabled=True, layout=layout, migc_steps=0.0 if naive_only else 1.0, naive_steps=1.0 if naive_only else 0.0)
+    params = MigcParams(enabled=True, layout=layout, migc_steps=0.0 if naive_only else 1.0,
+                        naive_steps=1.0 if naive_only or naive_too else 0.0)
     g = torch.Generator().manual_seed(n)
     cond = InstanceConditioning.build(torch.randn((n, 77, 768), generator=g).to(device, dtype),
                                       torch.randn((n, 768), generator=g).to(device, dtype), layout.boxes)
-    session = MigcSession(params, cond, None if naive_only else MigcWeights("migc", blocks))
+    session = MigcSession(params, cond, None if naive_only else MigcWeights(kind, blocks))
     session.begin_pass(width, height, [1], device)
     return session
 
@@ -148,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="512x512,768x512,1024x1024", help="WIDTHxHEIGHT list")
     parser.add_argument("--instances", default="1,2,4,6,8,16")
+    parser.add_argument("--plus", default="1,4,6,8", help="MIGC++ instance counts")
     parser.add_argument("--structure", default="2,4", help="StructureDiffusion phrase counts (default mode at the first)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -168,6 +173,9 @@ def main() -> None:
     unet = build_sd1_unet(device, dtype)
     torch.manual_seed(1)
     blocks = {name: MIGCBlock(1280).to(device, dtype).eval() for name in MIGC_LAYERS}
+    plus_blocks = {name: MIGCPlusBlock(1280).to(device, dtype).eval() for name in MIGC_LAYERS}
+    for block in plus_blocks.values():
+        torch.nn.init.constant_(block.gamma, 0.8)
     weights_mb = sum(p.numel() for b in blocks.values() for p in b.parameters()) * 2 / 2**20
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name}, {dtype}, torch {torch.__version__}; MIGC weights {weights_mb:.0f} MiB in fp16")
@@ -214,6 +222,13 @@ def main() -> None:
         cases = [("MIGC off", None)] + [(f"MIGC, {n} instances", session_for(n, False, blocks, width, height, device, dtype)) for n in counts]
         if counts:
             cases.append(("NaiveFuser on every attn2, 6 instances", session_for(6, True, blocks, width, height, device, dtype)))
+        plus_counts = [] if args.plus == "none" else [int(n) for n in args.plus.split(",")]
+        cases += [(f"MIGC++, {n} instances", session_for(n, False, plus_blocks, width, height, device, dtype, "migc++"))
+                  for n in plus_counts]
+        if plus_counts:
+            n = 6 if 6 in plus_counts else plus_counts[-1]
+            cases.append((f"MIGC++ + refined shader on the other 12, {n} instances",
+                          session_for(n, False, plus_blocks, width, height, device, dtype, "migc++", naive_too=True)))
         phrase_counts = [] if args.structure == "none" else [int(n) for n in args.structure.split(",")]
         if phrase_counts:
             cases.append((f"StructureDiffusion default, {phrase_counts[0]} phrases",

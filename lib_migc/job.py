@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import fusion_job, settings, weights_store
+from . import fusion_job, multidiffusion_job, settings, weights_store
 from .draw import draw_layout
 from .errors import MigcError
 from .layout import MAX_MIGC_INSTANCES, fit_masks
@@ -42,6 +42,8 @@ class Job:
     session: MigcSession | None = None
     hooks: Any = None
     fusion: Any = None  # MagicFusion's ride-along hooks (hosts.<host>_fusion.FusionHooks)
+    regions: Any = None  # MultiDiffusion's denoiser wrapper (hosts.<host>_multidiffusion.RegionHooks)
+    region_prompts: Any = None  # MultiDiffusion's encoded box prompts, once per job
     text_engine: TextEngine | None = None  # StructureDiffusion's tokenizer/encoder, phrase encodings cached for the job
 
 
@@ -53,7 +55,7 @@ def active_job() -> Job | None:
 
 
 def _remove_hooks(job: Job) -> None:
-    for hooks in (job.hooks, job.fusion):
+    for hooks in (job.hooks, job.fusion, job.regions):
         if hooks is not None:
             hooks.remove()
 
@@ -131,6 +133,11 @@ def _effective(p: Any, params: MigcParams, host: ModuleType) -> MigcParams | Non
         p.comment(reason)
         log.warning("%s", reason)
     migc, structure, fusion = (on and reasons[k] is None for on, k in ((migc, "migc"), (structure, "structure"), (fusion, "fusion")))
+    if migc and params.mode == MODE_MULTIDIFFUSION and (structure or fusion):
+        names = " and ".join(name for name, on in (("StructureDiffusion", structure), ("MagicFusion", fusion)) if on)
+        p.comment(f"{names} skipped: MultiDiffusion runs each box as its own prompt, which they do not combine with; "
+                  "use the migc or naive mode to combine them.")
+        structure = fusion = False
     if not (migc or structure or fusion):
         return None
     return replace(params, enabled=migc, structure=replace(params.structure, enabled=structure),
@@ -161,6 +168,8 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
             job.params = params = replace(params, layout=fit_masks(params.layout, p.width, p.height))
         if params.enabled and params.mode == MODE_MIGC:
             job.weights_hash = weights_store.short_hash(weights_store.resolve(settings.models_dir(), params.weights))
+        if params.enabled and params.mode == MODE_MULTIDIFFUSION:
+            multidiffusion_job.check_job(p)
         if params.magicfusion.enabled:
             fusion_job.check_job(p, params)
             job.model_b_hash = fusion_job.model_b_hash(p, host, params.magicfusion.model_b)
@@ -244,13 +253,16 @@ def _prepare_naive(job: Job) -> MigcSession:
     return MigcSession(replace(params, migc_steps=0.0, naive_steps=steps), conditioning, None, global_context)
 
 
-def before_sampling(p: Any) -> None:
-    """Before each sampling pass (and again before the hires pass): install the hooks for its size."""
+def before_sampling(p: Any, noise: Any = None) -> None:
+    """Before each sampling pass (and again before the hires pass): install the hooks for its size.
+
+    ``noise``: the pass's unit initial noise (``process_before_every_sampling``'s), which MultiDiffusion's
+    bootstrapping noises its backgrounds with."""
     job = _active
     if job is None or job.p is not p:
         return
     _remove_hooks(job)
-    job.hooks = job.fusion = None
+    job.hooks = job.fusion = job.regions = None
     hr_pass = bool(getattr(p, "is_hr_pass", False))
     fusion = job.params.magicfusion
     fusion_here = fusion.enabled and (not hr_pass or fusion.hires)
@@ -274,6 +286,16 @@ def before_sampling(p: Any) -> None:
         except Exception as exc:  # noqa: BLE001 - the WebUI would swallow it and sample without MagicFusion
             log.exception("MagicFusion could not start")
             session.pending_error = MigcError(f"MagicFusion could not start: {type(exc).__name__}: {exc}", status_code=500)
+    if job.params.enabled and job.params.mode == MODE_MULTIDIFFUSION and (not hr_pass or job.params.hires) \
+            and session.pending_error is None:
+        try:
+            with torch.no_grad():
+                job.regions = multidiffusion_job.install(job, hr_pass, noise)
+        except MigcError as exc:
+            session.pending_error = exc
+        except Exception as exc:  # noqa: BLE001 - the WebUI would swallow it and sample without the regions
+            log.exception("MultiDiffusion could not start")
+            session.pending_error = MigcError(f"MultiDiffusion could not start: {type(exc).__name__}: {exc}", status_code=500)
     session.migc_off = hr_pass and not job.params.hires  # a hires pass for MagicFusion only
     job.hooks = job.host.Hooks(session, on_error=_finish, is_current=lambda: _active is job)
     job.hooks.install(p)
@@ -337,6 +359,9 @@ def on_cfg_denoiser(params: Any) -> None:
         job.hooks.on_cfg_step(step, steps, params)
     if job.fusion is not None and job.fusion.installed:
         job.fusion.on_cfg_step(params, fusion_job.guidance_of(params, job.p))
+    if job.regions is not None and job.regions.installed:
+        step, steps = sampler_step(params)
+        job.regions.on_cfg_step(step, steps, params)
 
 
 def on_cfg_denoised(params: Any) -> None:

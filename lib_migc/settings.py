@@ -14,6 +14,7 @@ DEFAULTS: dict[str, Any] = {
     "migc_default_steps": 0.5,
     "migc_default_naive_steps": 0.0,
     "migc_default_hires": False,
+    "migc_md_max_rows": 0,
 }
 
 
@@ -54,6 +55,8 @@ def register() -> None:
         "migc_default_steps": info(DEFAULTS["migc_default_steps"], "Default MIGC steps (fraction of sampling steps)", gr.Slider, fraction, section=section),
         "migc_default_naive_steps": info(DEFAULTS["migc_default_naive_steps"], "Default NaiveFuser steps (fraction of sampling steps; 0 = off)", gr.Slider, fraction, section=section),
         "migc_default_hires": info(DEFAULTS["migc_default_hires"], "Run MIGC in the hires-fix pass by default", section=section),
+        "migc_md_max_rows": info(DEFAULTS["migc_md_max_rows"], "MultiDiffusion: most UNet rows per call (0 = from free GPU memory; lower it if you run out of memory)",
+                                 gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}, section=section),
     }
     for name, item in items.items():
         shared.opts.add_option(name, item)

@@ -35,7 +35,7 @@ class MigcScript(scripts.Script):
         job.process(p, args, HOST)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        job.before_sampling(p)
+        job.before_sampling(p, noise=kwargs.get("noise"))
 
     def postprocess_batch(self, p, *args, **kwargs):
         job.after_batch(p)

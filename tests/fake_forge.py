@@ -43,8 +43,17 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     x = torch.cat([x_in] * len(entries))
     t = torch.cat([timestep] * len(entries))
     ctx = torch.cat([e["model_conds"]["c_crossattn"].cond for _, e in entries])
-    options = dict(model_options.get("transformer_options", {}), cond_or_uncond=[c for c, _ in entries])
-    out = model.apply_model(x, t, c_crossattn=ctx, transformer_options=options).chunk(len(entries))
+    marks = [c for c, _ in entries]
+    options = dict(model_options.get("transformer_options", {}), cond_or_uncond=marks)
+    c = {"c_crossattn": ctx, "transformer_options": options}
+    vectors = [e["model_conds"]["y"].cond for _, e in entries if "y" in e["model_conds"]]
+    if vectors:
+        c["y"] = torch.cat(vectors)
+    if "model_function_wrapper" in model_options:
+        out = model_options["model_function_wrapper"](model.apply_model, {"input": x, "timestep": t, "c": c, "cond_or_uncond": marks})
+    else:
+        out = model.apply_model(x, t, **c)
+    out = out.chunk(len(entries))
     pick = lambda which: torch.stack([o for (c, _), o in zip(entries, out) if c == which]).mean(0) if any(c == which for c, _ in entries) else None  # noqa: E731
     return pick(0), (pick(1) if uncond is not None else torch.zeros_like(x_in[:n]))
 
@@ -95,7 +104,8 @@ class KModel(torch.nn.Module):
         self.computation_dtype = next(diffusion_model.parameters()).dtype
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        out = self.diffusion_model(self.predictor.calculate_input(t, x), self.predictor.timestep(t).float(), context=c_crossattn)
+        extra = {"y": kwargs["y"]} if kwargs.get("y") is not None else {}
+        out = self.diffusion_model(self.predictor.calculate_input(t, x), self.predictor.timestep(t).float(), context=c_crossattn, **extra)
         return self.predictor.calculate_denoised(t, out, x)
 
     def memory_required(self, input_shape):
@@ -165,6 +175,9 @@ class UnetPatcher:
         block = (block_name, number, transformer_index) if transformer_index is not None else (block_name, number)
         to["patches_replace"][name][block] = patch
         self.model_options = {**self.model_options, "transformer_options": to}
+
+    def set_model_unet_function_wrapper(self, unet_wrapper_function):
+        self.model_options["model_function_wrapper"] = unet_wrapper_function
 
     def set_model_attn2_patch(self, patch):
         self.set_model_patch(patch, "attn2_patch")

@@ -101,12 +101,24 @@ def install_fake_modules(models_dir: str) -> types.ModuleType:
 
     sd_models.get_closet_checkpoint_match = get_closet_checkpoint_match
     sd_models.checkpoint_tiles = lambda use_short=False: sorted(sd_models.checkpoints_list)
+    samplers_common = types.ModuleType("modules.sd_samplers_common")
+    samplers_common.images_tensor_to_samples = images_tensor_to_samples
     for name, module in (("shared", shared), ("devices", devices), ("paths", paths), ("script_callbacks", callbacks),
-                         ("scripts", scripts), ("sd_models", sd_models)):
+                         ("scripts", scripts), ("sd_models", sd_models), ("sd_samplers_common", samplers_common)):
         setattr(pkg, name, module)
         sys.modules[f"modules.{name}"] = module
     sys.modules["modules"] = pkg
     return pkg
+
+
+def images_tensor_to_samples(image, approximation=None, model=None):
+    """modules.sd_samplers_common.images_tensor_to_samples: image [0, 1] (B, 3, H, W) -> latent (B, 4, H/8, W/8).
+    The stand-in VAE is a fixed linear map of the 8x8-averaged colour plus a random posterior sample
+    (the real encoder samples its posterior too, from the global RNG)."""
+    pooled = torch.nn.functional.avg_pool2d(image.float() * 2 - 1, 8)
+    weight = torch.tensor([[0.3, 0.2, 0.1], [-0.2, 0.3, 0.1], [0.1, -0.1, 0.4], [0.2, 0.2, -0.3]])
+    latent = torch.einsum("oc,bchw->bohw", weight, pooled)
+    return (latent + 0.01 * torch.randn_like(latent)) * 0.18215
 
 
 def remove_fake_modules() -> None:
@@ -172,6 +184,13 @@ class FakeSDModel(torch.nn.Module):
 
     def get_learned_conditioning(self, texts):
         return self.cond_stage_model(texts)
+
+    def apply_model(self, x, t, cond):
+        """LatentDiffusion.apply_model with A1111's condition dict (``c_crossattn`` list, or SDXL's
+        ``crossattn``/``vector``): the UNet's eps."""
+        context = cond["crossattn"] if "crossattn" in cond else cond["c_crossattn"][0]
+        extra = {"y": cond["vector"]} if "vector" in cond else {}
+        return self.model.diffusion_model(x, t, context=context, **extra)
 
 
 class FakeProcessing:

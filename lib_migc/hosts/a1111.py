@@ -46,6 +46,27 @@ class RowCursor:
         self.start = self.done
         self.done += rows
 
+    def from_params(self, params: Any) -> None:
+        """This step's rows from the CFG-denoiser callback's ``CFGDenoiserParams`` (SDXL: dict conds)."""
+        text_cond, uncond = params.text_cond, params.text_uncond
+        if isinstance(text_cond, dict):  # SDXL: {"crossattn", "vector"}
+            text_cond, uncond = text_cond.get("crossattn"), uncond.get("crossattn") if isinstance(uncond, dict) else uncond
+        if not isinstance(text_cond, torch.Tensor):
+            self.cond_rows = None
+            return
+        images = uncond.shape[0] if isinstance(uncond, torch.Tensor) else text_cond.shape[0]
+        self.new_step(text_cond.shape[0], params.x.shape[0], images)
+
+    def kinds(self, rows: int) -> list[tuple[bool, int]] | None:
+        """Advance to the next model call of ``rows`` rows; (is cond, image index) of each, or None
+        when the call is not one of this step's CFG calls."""
+        self.new_call(rows)
+        count, images = self.cond_part(rows)
+        if self.cond_rows is None or self.start + rows > self.total_rows:
+            return None
+        uncond = [(False, self.start + j - self.cond_rows) for j in range(count, rows)]
+        return [(True, image) for image in images] + uncond
+
     def cond_part(self, rows: int) -> tuple[int, list[int]]:
         """(number of leading cond rows in this call, image index of each). 0 when the call is not one
         of this step's CFG calls (e.g. another extension running the UNet itself)."""
@@ -101,14 +122,7 @@ class Hooks(HooksBase):
     def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
         """From the CFG-denoiser callback: this step's index and row layout (``CFGDenoiserParams``)."""
         self.session.set_step(step, total_steps)
-        text_cond, uncond = params.text_cond, params.text_uncond
-        if isinstance(text_cond, dict):  # SDXL: {"crossattn", "vector"}
-            text_cond, uncond = text_cond.get("crossattn"), uncond.get("crossattn") if isinstance(uncond, dict) else uncond
-        if not isinstance(text_cond, torch.Tensor):
-            self.rows.cond_rows = None
-            return
-        images = uncond.shape[0] if isinstance(uncond, torch.Tensor) else text_cond.shape[0]
-        self.rows.new_step(text_cond.shape[0], params.x.shape[0], images)
+        self.rows.from_params(params)
 
     def _forward_for(self, name: str, attn: nn.Module, first: bool) -> Callable:
         previous = attn.__dict__.get("forward")  # another extension's override, if any

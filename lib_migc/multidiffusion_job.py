@@ -1,0 +1,112 @@
+"""The MultiDiffusion region mode's part of a WebUI job: prompts, masks, bootstrapping, the hooks.
+
+Like :mod:`lib_migc.fusion_job` it is called by :mod:`lib_migc.job` at the same points as the other
+modes; each host's wrapper lives in ``hosts/<host>_multidiffusion.py``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from . import settings
+from .errors import MigcError
+from .masks import LATENT_FACTOR
+from .multidiffusion_runtime import COLOUR_POOL, Bootstrap, RegionPrompts, RegionRuntime, layout_region_masks
+from .params import MigcParams
+from .text_encoding import encode_conditioning
+
+log = logging.getLogger("migc")
+
+#: Rough activation memory of one SD1.5 fp16 UNet row per latent pixel with SDP attention (~300 MB at
+#: 64x64, docs/modes/multidiffusion.md §6); SDXL rows cost about 2.5 times that.
+ROW_BYTES_PER_LATENT_PIXEL = 75_000
+
+
+def adapter(host: Any) -> Any:
+    """The host's MultiDiffusion adapter module."""
+    name = host.__name__.rsplit(".", 1)[-1]
+    if name == "forge":
+        from .hosts import forge_multidiffusion
+
+        return forge_multidiffusion
+    from .hosts import a1111_multidiffusion
+
+    return a1111_multidiffusion
+
+
+def encode_prompts(p: Any, params: MigcParams) -> RegionPrompts:
+    """Each box's description, and its own negative where given (others take the main negative)."""
+    from modules import devices
+
+    layout = params.layout
+    with devices.autocast():
+        cond, cond_vec = encode_conditioning(p.sd_model, layout.descriptions, p.width, p.height)
+        uncond = uncond_vec = None
+        if any(layout.negatives):
+            main_negative = getattr(p, "negative_prompt", "") or ""
+            texts = [negative if negative is not None else main_negative for negative in layout.negatives]
+            uncond, uncond_vec = encode_conditioning(p.sd_model, texts, p.width, p.height)
+    return RegionPrompts(cond, cond_vec, uncond, uncond_vec)
+
+
+def colour_latents(p: Any, seed: int, count: int = COLOUR_POOL) -> torch.Tensor:
+    """(count, C) latents of random constant colours (the official bootstrapping backgrounds), encoded
+    once with the model's VAE from small 64x64 images; the VAE's posterior sample is drawn under a
+    forked RNG so the WebUI's random state is untouched."""
+    from modules import sd_samplers_common
+
+    g = torch.Generator().manual_seed(int(seed))
+    colours = torch.rand((count, 3, 1, 1), generator=g).expand(count, 3, 64, 64)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        latents = sd_samplers_common.images_tensor_to_samples(colours.contiguous(), approximation=0, model=p.sd_model)
+    return latents.float().mean(dim=(2, 3)).cpu()
+
+
+def chunk_rows(p: Any, latent_hw: tuple[int, int], dtype: torch.dtype) -> int:
+    """Most UNet rows per call: the setting, or an estimate from the free GPU memory (0 = all at once)."""
+    configured = int(settings.option("migc_md_max_rows") or 0)
+    if configured > 0:
+        return configured
+    if not torch.cuda.is_available():
+        return 0
+    free, _ = torch.cuda.mem_get_info()
+    per_row = latent_hw[0] * latent_hw[1] * ROW_BYTES_PER_LATENT_PIXEL * (torch.finfo(dtype).bits / 16)
+    if getattr(p.sd_model, "is_sdxl", False):
+        per_row *= 2.5
+    return max(2, int(0.8 * free / per_row))
+
+
+def build_runtime(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> RegionRuntime:
+    """Masks at this pass's size; bootstrapping only in a txt2img first pass (x_T is pure noise there)."""
+    p, params = job.p, job.params
+    width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
+    masks = layout_region_masks(params.layout, width, height)
+    bootstrap = None
+    steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if hr_pass else int(p.steps)
+    boot_steps = int(round(params.md_bootstrap * steps))
+    txt2img = not hasattr(p, "init_images")
+    if boot_steps > 0 and not hr_pass and txt2img and isinstance(noise, torch.Tensor):
+        bootstrap = Bootstrap(colour_latents(p, p.seeds[0]), noise.detach(), list(p.seeds), boot_steps)
+    reference = next(job.host.unet_of(p).parameters())
+    latent = (height // LATENT_FACTOR, width // LATENT_FACTOR)
+    return RegionRuntime(masks, job.region_prompts, bootstrap, alphas_cumprod=getattr(p.sd_model, "alphas_cumprod", None),
+                         chunk_rows=chunk_rows(p, latent, reference.dtype))
+
+
+def install(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> Any:
+    """Encode (once per job), build this pass's runtime and install the host's wrapper; returns the hooks."""
+    if job.region_prompts is None:
+        job.region_prompts = encode_prompts(job.p, job.params)
+    runtime = build_runtime(job, hr_pass, noise)
+    hooks = adapter(job.host).RegionHooks(runtime, is_current=lambda: job.regions is hooks)
+    hooks.install(job.p)
+    return hooks
+
+
+def check_job(p: Any) -> None:
+    """What must hold before sampling (raised as the job's error)."""
+    if getattr(p, "image_mask", None) is not None:
+        raise MigcError("MultiDiffusion regions do not combine with inpainting masks yet; use the naive or migc mode, "
+                        "or remove the inpainting mask.")

@@ -1,0 +1,213 @@
+"""MultiDiffusion region fusion inside the CFG denoiser: the host-neutral part of both adapters.
+
+Why here and not after a sampler step: with binary masks and the same weights for the cond and uncond
+rows, averaging the per-region denoiser outputs (x0 or eps) per pixel is exactly the official
+method's fused DDIM step, bootstrapping included (docs/modes/multidiffusion.md §3.1), and it works
+for every single-evaluation sampler. Each CFG row the sampler hands the model becomes R = 1 + N region
+rows (background = the row's own prompt, boxes = their descriptions), all through the UNet in chunks
+of at most ``chunk_rows`` rows, then fused back into one row. Both hosts call :meth:`RegionRuntime.denoise`
+with a callable that runs their original model on a batch of rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .layout import Layout
+from .masks import LATENT_FACTOR
+from .multidiffusion import bootstrap_inputs, bootstrap_inputs_sigma, fuse_rows, pixel_boxes, region_masks
+
+#: Candidate background colours for bootstrapping (the official code draws one per bootstrapping step).
+COLOUR_POOL = 20
+
+#: ``call(x, levels, contexts, vectors, source_rows)`` -> the host model's output for these rows.
+ModelCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RegionPrompts:
+    """The boxes' prompts, encoded once per job.
+
+    cond: (N, L, D) descriptions; cond_vectors: (N, V) SDXL's ``y`` or None.
+    uncond / uncond_vectors: per-region negatives in the same shapes, or None when every region shares
+    the row's own negative (then an uncond row runs once instead of R times after bootstrapping).
+    """
+
+    cond: torch.Tensor
+    cond_vectors: torch.Tensor | None = None
+    uncond: torch.Tensor | None = None
+    uncond_vectors: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.cond.shape[0])
+
+
+@dataclass
+class Bootstrap:
+    """Constant-colour backgrounds behind each box for the first ``steps`` sampler steps.
+
+    colours: (K, C) latent of each candidate colour (spatially constant); noise0: (B, C, h, w) the
+    unit initial noise of each image, which (not fresh noise) noises the background to the current
+    level; seeds: one per image, so the colour drawn per step and region is reproducible.
+    """
+
+    colours: torch.Tensor
+    noise0: torch.Tensor
+    seeds: Sequence[int]
+    steps: int
+
+    def __post_init__(self) -> None:
+        self._draws: dict[tuple[int, int], torch.Tensor] = {}
+
+    def active(self, step: int) -> bool:
+        return step < self.steps
+
+    def backgrounds(self, image: int, step: int, regions: int) -> torch.Tensor:
+        """(regions, C) colours for ``image`` at ``step``: drawn once per step, shared by its cond and
+        uncond rows and by every model call of that step (the official x̃ is built once per step)."""
+        key = (image, step)
+        if key not in self._draws:
+            g = torch.Generator().manual_seed(int(self.seeds[min(image, len(self.seeds) - 1)]) * 1009 + step)
+            index = torch.randint(len(self.colours), (regions,), generator=g)
+            self._draws[key] = self.colours[index]
+        return self._draws[key]
+
+
+def lcm_tile(contexts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Bring contexts of 77*k tokens to one length by repeating each whole token sequence; attention
+    over a sequence repeated m times equals attention over it once, so batching stays exact."""
+    lengths = {c.shape[-2] for c in contexts}
+    if len(lengths) == 1:
+        return list(contexts)
+    target = math.lcm(*lengths)
+    return [c.repeat(*([1] * (c.dim() - 2)), target // c.shape[-2], 1) for c in contexts]
+
+
+def layout_region_masks(layout: Layout, width: int, height: int) -> torch.Tensor:
+    """(R, 1, height/8, width/8) binary masks, background first, by the official rule: a latent cell is
+    inside a region iff the image pixel at its top-left corner is (boxes: pixel box [x0, x1) -> latent
+    columns ceil(x0/8) .. ceil(x1/8) - 1; mask instances: thresholded at 0.5, then that pixel)."""
+    from .mask_codec import decode_mask, fit_mask
+
+    boxes = region_masks(pixel_boxes(layout.boxes, height, width), height, width)[1:]
+    masks = []
+    for index, inst in enumerate(layout.instances):
+        if inst.mask is None:
+            masks.append(boxes[index])
+            continue
+        full = fit_mask(decode_mask(inst.mask), height, width)[::LATENT_FACTOR, ::LATENT_FACTOR]
+        masks.append(torch.from_numpy((full >= 0.5).astype("float32"))[None, :height // LATENT_FACTOR, :width // LATENT_FACTOR])
+    fg = torch.stack(masks) if masks else torch.zeros((0, 1, height // LATENT_FACTOR, width // LATENT_FACTOR))
+    background = (1.0 - fg.sum(0, keepdim=True)).clamp(min=0.0)
+    return torch.cat([background, fg])
+
+
+class RegionRuntime:
+    """Per-pass state: latent masks (R, 1, h, w) with the background first, the prompts, bootstrapping.
+
+    space: "k" when the model input is k-diffusion's x (levels are sigmas), "vp" when it is the
+    variance-preserving latent of the timesteps samplers (levels are integer timesteps, ``alphas_cumprod``
+    needed).
+    """
+
+    def __init__(
+        self,
+        masks: torch.Tensor,
+        prompts: RegionPrompts,
+        bootstrap: Bootstrap | None = None,
+        space: str = "k",
+        alphas_cumprod: torch.Tensor | None = None,
+        chunk_rows: int = 0,
+    ) -> None:
+        if masks.shape[0] != prompts.count + 1:
+            raise ValueError(f"{masks.shape[0]} masks for {prompts.count} regions plus the background")
+        if space == "vp" and bootstrap is not None and alphas_cumprod is None:
+            raise ValueError("bootstrapping in VP space needs alphas_cumprod")
+        self.masks, self.prompts, self.bootstrap = masks, prompts, bootstrap
+        self.space, self.alphas_cumprod, self.chunk_rows = space, alphas_cumprod, int(chunk_rows)
+        self.calls = 0  # model calls made (for tests and the bench)
+
+    @property
+    def regions(self) -> int:
+        return int(self.masks.shape[0])
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether ``x``'s latent size is the one the masks were built for (else: pass through)."""
+        return tuple(x.shape[-2:]) == tuple(self.masks.shape[-2:])
+
+    # ------------------------------------------------------------------ the per-call work
+    def denoise(
+        self,
+        call: ModelCall,
+        x: torch.Tensor,
+        levels: torch.Tensor,
+        contexts: torch.Tensor,
+        vectors: torch.Tensor | None,
+        is_cond: Sequence[bool],
+        images: Sequence[int],
+        step: int,
+    ) -> torch.Tensor:
+        """The fused model output for rows ``x`` (B, C, h, w) of the given kinds and images."""
+        boot = self.bootstrap if self.bootstrap is not None and self.bootstrap.active(step) else None
+        plan: list[tuple[int, int]] = []  # per input row: (first expanded row, number of region rows)
+        xs, lv, ctx, vec, src = [], [], [], [], []
+        for r, cond in enumerate(is_cond):
+            regional = cond or boot is not None or self.prompts.uncond is not None
+            rows = self._region_inputs(x[r], levels[r], images[r], step, boot) if regional else x[r:r + 1]
+            plan.append((len(src), rows.shape[0]))
+            xs.append(rows)
+            lv.append(levels[r:r + 1].expand(rows.shape[0]))
+            c, v = self._region_contexts(contexts[r], None if vectors is None else vectors[r], cond, rows.shape[0])
+            ctx.extend(c)
+            vec.extend(v)
+            src.extend([r] * rows.shape[0])
+        out = self._run(call, torch.cat(xs), torch.cat(lv), lcm_tile(ctx), vec, torch.tensor(src, device=x.device))
+        fused = []
+        for start, count in plan:
+            rows = out[start:start + count]
+            fused.append(rows[0] if count == 1 else fuse_rows(rows[None], self.masks.to(rows.device))[0])
+        return torch.stack(fused)
+
+    def _region_inputs(self, x: torch.Tensor, level: torch.Tensor, image: int, step: int, boot: Bootstrap | None) -> torch.Tensor:
+        """(R, C, h, w): the row itself for the background, and for each box the row or, while
+        bootstrapping, the row inside the box over a noised constant colour outside it."""
+        n = self.prompts.count
+        if boot is None:
+            return x[None].expand(n + 1, *x.shape)
+        colours = boot.backgrounds(image, step, n).to(device=x.device, dtype=x.dtype)
+        noise0 = boot.noise0[min(image, len(boot.noise0) - 1)].to(device=x.device, dtype=x.dtype)
+        fg = self.masks[1:].to(device=x.device, dtype=x.dtype)
+        if self.space == "vp":
+            alpha = self.alphas_cumprod.to(x.device)[level.long()].to(x.dtype)
+            boxes = bootstrap_inputs(x[None], fg, colours, noise0[None], alpha)
+        else:
+            boxes = bootstrap_inputs_sigma(x[None], fg, colours, noise0[None], level.to(x.dtype))
+        return torch.cat([x[None], boxes])
+
+    def _region_contexts(self, own: torch.Tensor, own_vector: torch.Tensor | None, cond: bool,
+                         rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        if rows == 1:
+            return [own], [own_vector]
+        prompts = self.prompts
+        table, vectors = (prompts.cond, prompts.cond_vectors) if cond else (prompts.uncond, prompts.uncond_vectors)
+        contexts = [own] + [own if table is None else table[i].to(own) for i in range(prompts.count)]
+        vecs = [own_vector] + [own_vector if vectors is None or own_vector is None else vectors[i].to(own_vector)
+                               for i in range(prompts.count)]
+        return contexts, vecs
+
+    def _run(self, call: ModelCall, x: torch.Tensor, levels: torch.Tensor, contexts: list[torch.Tensor],
+             vectors: list[torch.Tensor | None], source: torch.Tensor) -> torch.Tensor:
+        total = x.shape[0]
+        size = self.chunk_rows if self.chunk_rows > 0 else total
+        ctx = torch.stack(contexts)
+        vec = torch.stack(vectors) if vectors and vectors[0] is not None else None
+        outs = []
+        for start in range(0, total, size):
+            part = slice(start, min(start + size, total))
+            outs.append(call(x[part], levels[part], ctx[part], None if vec is None else vec[part], source[part]))
+            self.calls += 1
+        return torch.cat(outs)
