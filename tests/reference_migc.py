@@ -47,6 +47,16 @@ def _cbam(cbam, x):
     return x * torch.sigmoid(cbam.SpatialGate.spatial.conv(pooled))
 
 
+def box_token(block, boxes, dtype):
+    """Fourier box token, boxes reordered to (x0, x1, y0, y1), through the position MLP."""
+    b = torch.tensor(boxes, dtype=torch.float32)[:, [0, 2, 1, 3]]
+    feats = []
+    for k in range(8):
+        f = 100 ** (k / 8)
+        feats += [torch.sin(f * b), torch.cos(f * b)]
+    return block.pos_net.linears_position(torch.cat(feats, -1).to(dtype))
+
+
 def migc_layer(attn, block, x, global_ctx, inst_ctx, pooled, boxes, inst_masks, bg_mask, size, perm,
                ca=None, ea=None, sac=None):
     """One image's cond row x (1, HW, C) -> (out (1, HW, C), SAC weights (1, N+2, H, W))."""
@@ -57,13 +67,7 @@ def migc_layer(attn, block, x, global_ctx, inst_ctx, pooled, boxes, inst_masks, 
     r0 = cross_attention(x, global_ctx, attn.to_q, attn.to_k, attn.to_v, attn.to_out, attn.heads)
     xs = x.repeat(n, 1, 1)
     ri = cross_attention(xs, inst_ctx, attn.to_q, attn.to_k, attn.to_v, attn.to_out, attn.heads)
-    # Fourier box token, boxes reordered to (x0, x1, y0, y1).
-    b = torch.tensor(boxes, dtype=torch.float32)[:, [0, 2, 1, 3]]
-    feats = []
-    for k in range(8):
-        f = 100 ** (k / 8)
-        feats += [torch.sin(f * b), torch.cos(f * b)]
-    box_tok = block.pos_net.linears_position(torch.cat(feats, -1).to(x.dtype))
+    box_tok = box_token(block, boxes, x.dtype)
     ea_ctx = torch.stack([pooled, box_tok], 1)
     normed = block.norm(xs)
     e = cross_attention(normed, ea_ctx, block.ea.to_q, block.ea.to_k, block.ea.to_v, block.ea.to_out, 8)
@@ -101,12 +105,7 @@ def migcplus_layer(attn, block, x, global_ctx, inst_ctx, pooled, boxes, inst_mas
     ea = ea or [1.0] * n
     base = naive_fuser(attn, x, global_ctx, inst_ctx, inst_masks)
     xs = x.repeat(n, 1, 1)
-    b = torch.tensor(boxes, dtype=torch.float32)[:, [0, 2, 1, 3]]
-    feats = []
-    for k in range(8):
-        f = 100 ** (k / 8)
-        feats += [torch.sin(f * b), torch.cos(f * b)]
-    box_tok = block.pos_net.linears_position(torch.cat(feats, -1).to(x.dtype))
+    box_tok = box_token(block, boxes, x.dtype)
     e = cross_attention(block.norm(xs), torch.stack([pooled, box_tok], 1), block.ea.to_q, block.ea.to_k, block.ea.to_v,
                         block.ea.to_out, 8)
     e = [e[i] * inst_masks[i][:, None] * ea[i] for i in range(n)]

@@ -63,6 +63,7 @@ def test_infotext_round_trip_regenerates_the_same_image(webui, migc_result):
     params = parsed["parameters"]
     migc = json.loads(params["MIGC"])
     migc.pop("weights_hash")
+    assert migc.pop("weights_kind") == "migc"
     payload = with_migc([migc], prompt=params["Prompt"])
     status, body = webui.txt2img(payload)
     assert status == 200, body

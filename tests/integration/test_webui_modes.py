@@ -1,0 +1,123 @@
+"""MIGC++ (mask instances) and the training-free modes over the HTTP API of a real running WebUI.
+
+MIGC++ needs random or real weights named MIGC++_SD14.safetensors (or MIGC_PLUS_WEIGHTS) in the
+WebUI's MIGC folder; without them those tests are skipped. The modes need no weights.
+"""
+import base64
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from .conftest import pixels
+
+PLUS = os.environ.get("MIGC_PLUS_WEIGHTS", "MIGC++_SD14.safetensors")
+BASE = {"prompt": "a room", "negative_prompt": "", "steps": 4, "width": 256, "height": 256,
+        "sampler_name": "Euler", "cfg_scale": 7, "seed": 4321, "batch_size": 1}
+BOXES = [{"description": "a red ball", "box": [0.0625, 0.125, 0.5, 0.875]},
+         {"description": "a gray cat", "box": [0.5, 0.25, 0.9375, 0.75]}]
+
+
+def _mask_url(width=256, height=256) -> str:
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).ellipse((20, 40, 140, 220), fill=255)
+    buf = io.BytesIO()
+    mask.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _with(args, **extra):
+    return {**BASE, **extra, "alwayson_scripts": {"MIGC": {"args": [args]}}}
+
+
+@pytest.fixture(scope="module")
+def plain(webui):
+    status, body = webui.txt2img(BASE)
+    assert status == 200, body
+    return pixels(body["images"][0])
+
+
+@pytest.fixture(scope="module")
+def plus_result(webui):
+    instances = [{"description": "a gray cat", "mask": _mask_url()}, BOXES[0]]
+    status, body = webui.txt2img(_with({"weights": PLUS, "instances": instances, "migc_steps": 1.0}))
+    if status == 404 and PLUS in json.dumps(body):
+        pytest.skip(f"no {PLUS} in the WebUI's MIGC folder")
+    assert status == 200, body
+    return body
+
+
+def test_migcplus_with_a_mask_instance_records_its_kind_and_mask(plus_result, plain):
+    info = json.loads(plus_result["info"])["infotexts"][0]
+    assert '"weights_kind":"migc++"' in info and '"mask":"data:image/png;base64,' in info
+    assert abs(pixels(plus_result["images"][0]) - plain).mean() > 1.0
+
+
+def test_migcplus_infotext_round_trip_regenerates_the_same_image(webui, plus_result):
+    status, parsed = webui.request("/sdapi/v1/png-info", {"image": "data:image/png;base64," + plus_result["images"][0]})
+    assert status == 200, parsed
+    migc = json.loads(parsed["parameters"]["MIGC"])
+    migc.pop("weights_hash"), migc.pop("weights_kind")
+    status, body = webui.txt2img(_with(migc, prompt=parsed["parameters"]["Prompt"]))
+    assert status == 200, body
+    assert (pixels(body["images"][0]) == pixels(plus_result["images"][0])).all()
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_naive_mode_needs_no_weights_and_changes_the_image(webui, plain, sampler):
+    status, body = webui.txt2img(_with({"mode": "naive", "weights": "none.ckpt", "instances": BOXES}, sampler_name=sampler))
+    assert status == 200, body
+    info = json.loads(body["info"])["infotexts"][0]
+    assert '"mode":"naive"' in info
+    if sampler == "Euler":
+        assert abs(pixels(body["images"][0]) - plain).mean() > 1.0
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "DPM++ 2M"])
+def test_multidiffusion_runs_with_bootstrapping_and_region_negatives(webui, plain, sampler):
+    boxes = [dict(BOXES[0], negative="blurry"), {"description": "a gray cat", "mask": _mask_url()}]
+    status, body = webui.txt2img(_with({"mode": "multidiffusion", "instances": boxes, "md_bootstrap": 0.5},
+                                       sampler_name=sampler))
+    assert status == 200, body
+    info = json.loads(body["info"])
+    assert info["prompt"] == "a room"  # descriptions are region prompts, not added to the background prompt
+    assert '"mode":"multidiffusion"' in info["infotexts"][0]
+    if sampler == "Euler a":
+        return
+    assert abs(pixels(body["images"][0]) - plain).mean() > 1.0
+
+
+def test_multidiffusion_infotext_round_trip_regenerates_the_same_image(webui):
+    status, first = webui.txt2img(_with({"mode": "multidiffusion", "instances": BOXES}))
+    assert status == 200, first
+    status, parsed = webui.request("/sdapi/v1/png-info", {"image": "data:image/png;base64," + first["images"][0]})
+    migc = json.loads(parsed["parameters"]["MIGC"])
+    status, again = webui.txt2img(_with(migc, prompt=parsed["parameters"]["Prompt"]))
+    assert status == 200, again
+    assert (pixels(again["images"][0]) == pixels(first["images"][0])).all()
+
+
+@pytest.mark.parametrize("bad,words", [
+    ({"mode": "regions"}, ["'mode'", "multidiffusion"]),
+    ({"mode": "multidiffusion", "instances": [{"description": "a cat", "mask": "data:image/png;base64,AAAA"}]},
+     ["instances[0]", "'mask'"]),
+    ({"mode": "naive", "instances": [{"description": "a cat", "mask": _mask_url().replace("iVBOR", "iVBOX")}]},
+     ["instances[0]", "'mask'"]),
+    ({"mode": "multidiffusion", "md_bootstrap": 2, "instances": BOXES}, ["'md_bootstrap'"]),
+])
+def test_bad_input_is_a_clear_4xx_and_the_next_plain_image_is_bit_identical(webui, plain, bad, words):
+    status, body = webui.txt2img(_with(bad))
+    assert 400 <= status < 500, (status, body)
+    text = json.dumps(body)
+    for word in words:
+        assert word in text, text
+    status, after = webui.txt2img(BASE)
+    assert status == 200 and (pixels(after["images"][0]) == plain).all()
+
+
+def test_plain_generation_after_the_modes_is_bit_identical(webui, plain):
+    status, after = webui.txt2img(BASE)
+    assert status == 200 and (pixels(after["images"][0]) == plain).all()
