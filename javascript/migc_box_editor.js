@@ -20,7 +20,57 @@
     const MIN_BOX_PX = 8;        // smallest box drawn or resized, image pixels (one latent cell)
     const DRAG_START_PX = 4;     // a press that moves less than this is a click
     const MAX_CANVAS_CSS_HEIGHT = 520;
+    const MASK_ALPHA = 0.45;     // masks are drawn this opaque in their instance's colour
     const editors = {};
+
+    /**
+     * Decoded masks, keyed by data URL: an offscreen canvas at the mask's own size (white = inside) and
+     * its tinted overlays per colour. Decoding is asynchronous; `onReady` redraws when it is done.
+     */
+    const maskCache = new Map();
+
+    function maskEntry(url, onReady) {
+        let entry = maskCache.get(url);
+        if (entry) return entry.ready ? entry : null;
+        entry = { ready: false, canvas: null, tints: new Map() };
+        maskCache.set(url, entry);
+        const img = new Image();
+        img.onload = () => {
+            const c = document.createElement("canvas");
+            c.width = img.naturalWidth;
+            c.height = img.naturalHeight;
+            const g = c.getContext("2d");
+            g.fillStyle = "#000";
+            g.fillRect(0, 0, c.width, c.height);  // transparent counts as outside, as in Python
+            g.drawImage(img, 0, 0);
+            entry.canvas = c;
+            entry.ready = true;
+            if (maskCache.size > 64) maskCache.delete(maskCache.keys().next().value);
+            onReady();
+        };
+        img.onerror = () => { maskCache.delete(url); };
+        img.src = url;
+        return null;
+    }
+
+    /** The mask as an overlay in `rgb` with MASK_ALPHA x its values as alpha. */
+    function maskTint(entry, rgb) {
+        const key = rgb.join(",");
+        if (entry.tints.has(key)) return entry.tints.get(key);
+        const c = document.createElement("canvas");
+        c.width = entry.canvas.width;
+        c.height = entry.canvas.height;
+        const src = entry.canvas.getContext("2d").getImageData(0, 0, c.width, c.height);
+        const out = c.getContext("2d").createImageData(c.width, c.height);
+        for (let p = 0; p < src.data.length; p += 4) {
+            const lum = 0.299 * src.data[p] + 0.587 * src.data[p + 1] + 0.114 * src.data[p + 2];
+            out.data[p] = rgb[0]; out.data[p + 1] = rgb[1]; out.data[p + 2] = rgb[2];
+            out.data[p + 3] = Math.round(lum * MASK_ALPHA);
+        }
+        c.getContext("2d").putImageData(out, 0, 0);
+        entry.tints.set(key, c);
+        return c;
+    }
 
     function app() {
         return typeof gradioApp === "function" ? gradioApp() : document;
@@ -69,6 +119,8 @@
             this.backdrop = null;
             this.backdropSrc = null;
             this.message = "";
+            this.tool = "box";
+            this.stroke = null;
             this.lastSynced = textarea.value;
             this.build();
             this.loadFromTextbox(true);
@@ -83,8 +135,20 @@
             this.canvasWrap = el("div", { class: "migc-canvas-wrap" }, [this.canvas]);
             this.snap = el("input", { type: "checkbox", id: `${t}_migc_snap` });
             this.useBackdrop = el("input", { type: "checkbox", id: `${t}_migc_backdrop` });
-            this.fileInput = el("input", { type: "file", accept: ".json,.yaml,.yml,.txt,application/json", class: "migc-hidden-file" });
+            this.fileInput = el("input", { type: "file", accept: ".json,.yaml,.yml,.txt,application/json", class: "migc-hidden-file", id: `${t}_migc_import_file` });
+            this.maskInput = el("input", { type: "file", accept: "image/*", class: "migc-hidden-file", id: `${t}_migc_mask_file` });
             const button = (label, title, onclick, id) => el("button", { class: "migc-btn", title, type: "button", id: `${t}_migc_${id}`, onclick }, [document.createTextNode(label)]);
+            this.brushSize = el("input", { type: "range", min: "4", max: "128", step: "1", value: "32", id: `${t}_migc_brush_size`, title: "Brush size (image pixels)" });
+            this.toolButtons = {
+                box: button("▭ Box", "Draw, move and resize boxes", () => this.setTool("box"), "tool_box"),
+                brush: button("✎ Brush", "Paint the selected instance's mask (MIGC++: any shape); with none selected, a stroke starts a new instance", () => this.setTool("brush"), "tool_brush"),
+                eraser: button("⌫ Eraser", "Erase from the selected instance's mask", () => this.setTool("eraser"), "tool_eraser"),
+            };
+            this.tools = el("div", { class: "migc-toolbar migc-tools" }, [
+                this.toolButtons.box, this.toolButtons.brush, this.toolButtons.eraser,
+                el("label", { class: "migc-check", title: "Brush and eraser size in image pixels" }, [document.createTextNode("Size"), this.brushSize]),
+                this.maskInput,
+            ]);
             this.toolbar = el("div", { class: "migc-toolbar" }, [
                 button("✕ Delete", "Delete the selected box (Delete / Backspace)", () => this.deleteSelected(), "delete"),
                 button("↶ Undo", "Undo (Ctrl+Z)", () => this.undo(), "undo"),
@@ -99,7 +163,9 @@
             ]);
             this.status = el("div", { class: "migc-status", id: `${t}_migc_status`, "aria-live": "polite" });
             this.list = el("div", { class: "migc-list", id: `${t}_migc_list` });
-            this.root = el("div", { class: "migc-editor", id: `${t}_migc_editor_root` }, [this.toolbar, this.canvasWrap, this.status, this.list]);
+            this.root = el("div", { class: "migc-editor", id: `${t}_migc_editor_root` }, [this.toolbar, this.tools, this.canvasWrap, this.status, this.list]);
+            this.maskInput.addEventListener("change", () => this.uploadMask());
+            this.setTool("box");
             this.mount.textContent = "";
             this.mount.appendChild(this.root);
             this.textboxBlock().classList.add("migc-json-hidden");
@@ -116,6 +182,12 @@
             if (typeof ResizeObserver === "function") {
                 new ResizeObserver(() => { this.layoutCanvas(); this.render(); }).observe(this.root);
             }
+        }
+
+        setTool(tool) {
+            this.tool = tool;
+            for (const [name, b] of Object.entries(this.toolButtons)) b.classList.toggle("migc-active", name === tool);
+            if (this.canvas) this.canvas.style.cursor = tool === "box" ? "crosshair" : "cell";
         }
 
         textboxBlock() {
@@ -247,8 +319,10 @@
             const small = new Set(warnings.filter((w) => w.kind === "small").map((w) => w.index));
             const order = this.state.instances.map((_, i) => i).filter((i) => i !== this.state.selected);
             if (this.state.selected !== null) order.push(this.state.selected);
+            for (const i of order) this.drawMask(ctx, i, W, H);
+            if (this.stroke) ctx.drawImage(this.strokeOverlay(), 0, 0, W, H);
             for (const i of order) this.drawBox(ctx, i, W, H, dpr, small.has(i));
-            this.canvas.style.cursor = this.gesture ? this.canvas.style.cursor : "crosshair";
+            this.canvas.style.cursor = this.gesture ? this.canvas.style.cursor : (this.tool === "box" ? "crosshair" : "cell");
             this.renderStatus(warnings);
             if (rebuildList !== false) this.renderList(warnings);
             else this.markList(warnings);
@@ -265,20 +339,42 @@
             ctx.stroke();
         }
 
+        /** A mask instance's mask, semi-transparent in its colour (decoded once, then cached). */
+        drawMask(ctx, i, W, H) {
+            const inst = this.state.instances[i];
+            if (!inst.mask || inst.mask === "pending" || (this.stroke && this.stroke.index === i)) return;
+            const entry = maskEntry(inst.mask, () => { this.deriveBoxes(); this.render(false); });
+            if (entry) ctx.drawImage(maskTint(entry, core().PALETTE[i % core().PALETTE.length]), 0, 0, W, H);
+        }
+
+        /** Boxes of mask-only instances loaded from JSON (Python derives them; the editor shows them). */
+        deriveBoxes() {
+            this.state.instances.forEach((inst) => {
+                if (!inst.mask || inst.mask === "pending" || inst.boxGiven !== false) return;
+                const entry = maskEntry(inst.mask, () => {});
+                if (!entry) return;
+                const c = entry.canvas;
+                const box = core().maskBox(c.getContext("2d").getImageData(0, 0, c.width, c.height).data, c.width, c.height);
+                if (box) inst.box = box;
+            });
+        }
+
         drawBox(ctx, i, W, H, dpr, tooSmall) {
             const C = core();
             const inst = this.state.instances[i];
             const [x0, y0, x1, y1] = inst.box;
             const x = x0 * W, y = y0 * H, w = (x1 - x0) * W, h = (y1 - y0) * H;
             const selected = i === this.state.selected;
-            ctx.fillStyle = C.colour(i, selected ? 0.28 : 0.16);
-            ctx.fillRect(x, y, w, h);
-            ctx.lineWidth = (selected ? 3 : 2) * dpr;
+            if (!inst.mask) {
+                ctx.fillStyle = C.colour(i, selected ? 0.28 : 0.16);
+                ctx.fillRect(x, y, w, h);
+            }
+            ctx.lineWidth = (inst.mask ? 1 : selected ? 3 : 2) * dpr;
             ctx.strokeStyle = C.colour(i);
-            ctx.setLineDash(tooSmall ? [4 * dpr, 3 * dpr] : []);
+            ctx.setLineDash(tooSmall || inst.mask ? [4 * dpr, 3 * dpr] : []);
             ctx.strokeRect(x, y, w, h);
             ctx.setLineDash([]);
-            if (selected) {
+            if (selected && !inst.mask) {
                 ctx.lineWidth = 1 * dpr;
                 ctx.strokeStyle = "#ffffff";
                 ctx.strokeRect(x - 2 * dpr, y - 2 * dpr, w + 4 * dpr, h + 4 * dpr);
@@ -343,6 +439,11 @@
                     row.appendChild(el("label", { class: "migc-scale-label" }, [document.createTextNode(name.toUpperCase()), input]));
                 }
                 const small = (label, title, fn, cls) => el("button", { type: "button", class: `migc-btn migc-small ${cls}`, title, onclick: fn }, [document.createTextNode(label)]);
+                if (inst.mask && inst.mask !== "pending") {
+                    row.appendChild(el("span", { class: "migc-mask-badge", text: "mask", title: "This instance is a mask (MIGC++); its box is derived from the mask" }));
+                    row.appendChild(small("⌧ mask", "Clear the mask: the instance becomes its box again", () => this.change(() => this.state.clearMask(i)), "migc-clear-mask"));
+                }
+                row.appendChild(small("⇪ mask", "Upload a mask image for this instance (white = inside; any size, stretched to the image)", () => { this.uploadIndex = i; this.maskInput.click(); }, "migc-upload-mask"));
                 row.appendChild(small("↑", "Move up (lower number)", () => this.change(() => this.state.reorder(i, i - 1)), "migc-up"));
                 row.appendChild(small("↓", "Move down (higher number)", () => this.change(() => this.state.reorder(i, i + 1)), "migc-down"));
                 row.appendChild(small("✕", "Delete this box", () => this.change(() => this.state.remove(i)), "migc-del"));
@@ -391,13 +492,23 @@
             if (e.button !== undefined && e.button !== 0) return;
             this.canvas.focus({ preventScroll: true });
             const p = this.pointFromEvent(e);
+            if (this.tool !== "box") {
+                this.startStroke(p);
+                try { this.canvas.setPointerCapture(e.pointerId); } catch (err) { /* synthetic events */ }
+                e.preventDefault();
+                return;
+            }
             const tolX = HANDLE_PX / p.rect.width, tolY = HANDLE_PX / p.rect.height;
             const hit = core().hitTest(this.state.instances.map((i) => i.box), p.x, p.y, tolX, tolY, this.state.selected);
             this.gesture = {
                 start: p, hit, moved: false, created: null,
                 startBox: hit ? this.state.instances[hit.index].box.slice() : null,
             };
-            if (hit) this.select(hit.index);
+            if (hit) {
+                this.select(hit.index);
+                // A mask instance's box is derived from its mask: it moves with the mask, never resizes.
+                if (this.state.instances[hit.index].mask) hit.handle = "move";
+            }
             try { this.canvas.setPointerCapture(e.pointerId); } catch (err) { /* synthetic events */ }
             e.preventDefault();
         }
@@ -405,6 +516,7 @@
         onPointerMove(e) {
             const C = core();
             const p = this.pointFromEvent(e);
+            if (this.stroke) { this.continueStroke(p); return; }
             const g = this.gesture;
             if (!g) {
                 const hit = C.hitTest(this.state.instances.map((i) => i.box), p.x, p.y, HANDLE_PX / p.rect.width, HANDLE_PX / p.rect.height, this.state.selected);
@@ -437,6 +549,11 @@
         }
 
         onPointerUp(e, cancelled) {
+            if (this.stroke) {
+                try { this.canvas.releasePointerCapture(e.pointerId); } catch (err) { /* synthetic events */ }
+                this.finishStroke(cancelled);
+                return;
+            }
             const g = this.gesture;
             this.gesture = null;
             if (!g) return;
@@ -457,12 +574,140 @@
                     return;
                 }
             }
+            if (g.hit && g.hit.handle === "move" && this.state.instances[g.hit.index].mask) {
+                const inst = this.state.instances[g.hit.index];
+                this.translateMask(g.hit.index, inst.box[0] - g.startBox[0], inst.box[1] - g.startBox[1]);
+                return;
+            }
             this.render();
             this.sync();
             if (g.created !== null) {
                 const desc = this.list.querySelector(`.migc-row[data-index="${g.created}"] .migc-desc`);
                 if (desc) desc.focus({ preventScroll: true });
             }
+        }
+
+        // -------------------------------------------------------------- masks
+        /** A canvas at the image size holding instance `index`'s mask (white on black), or an empty one. */
+        maskCanvasFor(index) {
+            const c = document.createElement("canvas");
+            c.width = Math.max(1, Math.round(this.width));
+            c.height = Math.max(1, Math.round(this.height));
+            const g = c.getContext("2d");
+            g.fillStyle = "#000";
+            g.fillRect(0, 0, c.width, c.height);
+            const inst = index === null ? null : this.state.instances[index];
+            const entry = inst && inst.mask && inst.mask !== "pending" ? maskEntry(inst.mask, () => {}) : null;
+            if (entry) {
+                g.imageSmoothingEnabled = false;  // a resized mask stays hard-edged (nearest)
+                g.drawImage(entry.canvas, 0, 0, c.width, c.height);
+            }
+            return c;
+        }
+
+        startStroke(p) {
+            let index = this.state.selected;
+            if (index === null) {
+                if (this.tool === "eraser") return;
+                index = this.state.add([p.x, p.y, p.x, p.y], "");  // checkpoint inside
+                this.state.instances[index].mask = "pending";
+                this.state.instances[index].boxGiven = false;
+                this.render();
+            } else {
+                this.state.checkpoint();
+            }
+            this.stroke = { index, canvas: this.maskCanvasFor(this.state.instances[index].mask === "pending" ? null : index), last: null };
+            this.continueStroke(p);
+        }
+
+        continueStroke(p) {
+            const s = this.stroke;
+            const g = s.canvas.getContext("2d");
+            const x = p.x * s.canvas.width, y = p.y * s.canvas.height;
+            g.globalCompositeOperation = "source-over";
+            g.strokeStyle = g.fillStyle = this.tool === "eraser" ? "#000" : "#fff";
+            g.lineWidth = Number(this.brushSize.value);
+            g.lineCap = g.lineJoin = "round";
+            g.beginPath();
+            if (s.last) { g.moveTo(s.last[0], s.last[1]); g.lineTo(x, y); g.stroke(); }
+            g.beginPath();
+            g.arc(x, y, g.lineWidth / 2, 0, 2 * Math.PI);
+            g.fill();
+            s.last = [x, y];
+            s.overlay = null;
+            this.render(false);
+        }
+
+        /** The stroke in progress, tinted like a finished mask. */
+        strokeOverlay() {
+            const s = this.stroke;
+            if (!s.overlay) s.overlay = maskTint({ canvas: s.canvas, tints: new Map() }, core().PALETTE[s.index % core().PALETTE.length]);
+            return s.overlay;
+        }
+
+        finishStroke(cancelled) {
+            const s = this.stroke;
+            this.stroke = null;
+            if (!s) return;
+            if (cancelled) { this.state.undo(); this.render(); return; }
+            this.commitMask(s.index, s.canvas);
+        }
+
+        /** Binarise (brush) or keep (upload) the canvas, store it as the instance's mask, derive its box.
+         * A mask erased to nothing turns the instance back into its last box; a brand-new instance
+         * whose stroke left nothing is dropped. */
+        commitMask(index, canvas, soft) {
+            const C = core();
+            const g = canvas.getContext("2d");
+            const image = g.getImageData(0, 0, canvas.width, canvas.height);
+            if (!soft) { C.binariseMask(image.data); g.putImageData(image, 0, 0); }
+            const box = C.maskBox(image.data, canvas.width, canvas.height);
+            const inst = this.state.instances[index];
+            if (!box) {
+                if (inst.mask === "pending") { this.state.remove(index); this.state.history.pop(); }
+                else this.state.setMask(index, null);
+            } else {
+                const url = canvas.toDataURL("image/png");
+                const entry = { ready: true, canvas, tints: new Map() };
+                maskCache.set(url, entry);
+                if (inst.mask === "pending") delete inst.mask;
+                this.state.setMask(index, url, box);
+            }
+            this.render();
+            this.sync();
+        }
+
+        /** Moving a mask instance moves its mask by the same amount. */
+        translateMask(index, dx, dy) {
+            const src = this.maskCanvasFor(index);
+            const c = document.createElement("canvas");
+            c.width = src.width;
+            c.height = src.height;
+            const g = c.getContext("2d");
+            g.fillStyle = "#000";
+            g.fillRect(0, 0, c.width, c.height);
+            g.drawImage(src, Math.round(dx * c.width), Math.round(dy * c.height));
+            this.commitMask(index, c, true);
+        }
+
+        /** "⇪ mask" on a row: any image, stretched to the image size; soft values are kept. */
+        uploadMask() {
+            const file = this.maskInput.files && this.maskInput.files[0];
+            const index = this.uploadIndex;
+            this.maskInput.value = "";
+            if (!file || index === undefined || index === null || !this.state.instances[index]) return;
+            const url = URL.createObjectURL(file);
+            const img = new Image();
+            img.onload = () => {
+                URL.revokeObjectURL(url);
+                const c = this.maskCanvasFor(null);
+                const g = c.getContext("2d");
+                g.drawImage(img, 0, 0, c.width, c.height);
+                this.state.checkpoint();
+                this.commitMask(index, c, true);
+            };
+            img.onerror = () => { this.message = `The mask ${file.name} is not an image the browser can read.`; this.render(false); };
+            img.src = url;
         }
 
         onKey(e) {

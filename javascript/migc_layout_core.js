@@ -18,8 +18,9 @@
 })(typeof self !== "undefined" ? self : this, function () {
     "use strict";
 
-    /** Instance slots of the Shading Aggregation Controller (lib_migc/layout.py MAX_INSTANCES). */
-    const MAX_INSTANCES = 28;
+    /** Instance slots of the Shading Aggregation Controller (lib_migc/layout.py MAX_INSTANCES): MIGC++ has
+     * 29, MIGC 28 (the job tells when MIGC weights get 29). */
+    const MAX_INSTANCES = 29;
     /** Per-instance scales and their allowed range (lib_migc/layout.py SCALE_RANGE). */
     const SCALE_FIELDS = ["ca", "ea", "sac"];
     const SCALE_RANGE = [0, 10];
@@ -152,18 +153,26 @@
     }
 
     /**
-     * One instance as the editor keeps it: {description, box, ca, ea, sac}. Throws an Error that
-     * names the instance and the field, in the words the Python side uses.
+     * One instance as the editor keeps it: {description, box, ca, ea, sac}, plus `mask` (a PNG data
+     * URL: MIGC++'s any-shape instance), `boxGiven` (false when the box is only the one derived from
+     * the mask, which the JSON then leaves out, as Python derives it itself) and `negative`
+     * (MultiDiffusion's per-region negative, passed through). Throws an Error that names the instance
+     * and the field, in the words the Python side uses.
      */
     function normaliseInstance(raw, i) {
         if (!raw || typeof raw !== "object" || Array.isArray(raw)) throw new Error(`${where(i, null)}: must be an object with "description" and "box"`);
         const description = raw.description === undefined ? "" : raw.description;
         if (typeof description !== "string") throw new Error(`${where(i, raw)}: field "description" must be a string`);
-        const box = raw.box;
+        const mask = raw.mask === undefined || raw.mask === null ? null : raw.mask;
+        if (mask !== null && (typeof mask !== "string" || !mask.trim())) throw new Error(`${where(i, raw)}: field "mask" must be a PNG data URL`);
+        const boxGiven = raw.box !== undefined && raw.box !== null;
+        const box = boxGiven ? raw.box : (mask !== null ? [0, 0, 1, 1] : raw.box);
         if (!Array.isArray(box) || box.length !== 4 || !box.every(isFiniteNumber)) {
             throw new Error(`${where(i, raw)}: field "box" must be 4 numbers [x0, y0, x1, y1] (fractions of the image)`);
         }
         const out = { description, box: boxFromPoints(box[0], box[1], box[2], box[3]) };
+        if (mask !== null) { out.mask = mask; out.boxGiven = boxGiven; }
+        if (typeof raw.negative === "string" && raw.negative.trim()) out.negative = raw.negative;
         for (const name of SCALE_FIELDS) {
             const v = raw[name] === undefined ? 1 : raw[name];
             if (!isFiniteNumber(v) || v < SCALE_RANGE[0] || v > SCALE_RANGE[1]) {
@@ -201,8 +210,11 @@
         if (!instances.length && !Object.keys(extra || {}).length) return "";
         const out = {
             instances: instances.map((inst) => {
-                const item = { description: inst.description, box: roundBox(inst.box) };
+                const item = { description: inst.description };
+                if (!inst.mask || inst.boxGiven !== false) item.box = roundBox(inst.box);
+                if (inst.mask) item.mask = inst.mask;
                 for (const name of SCALE_FIELDS) if (inst[name] !== 1) item[name] = inst[name];
+                if (inst.negative) item.negative = inst.negative;
                 return item;
             }),
         };
@@ -319,9 +331,46 @@
             if (!inst.description.trim()) out.push({ index: i, kind: "empty", message: `#${i + 1} has no description` });
         });
         if (instances.length > MAX_INSTANCES) {
-            out.push({ index: null, kind: "too-many", message: `${instances.length} instances: MIGC supports at most ${MAX_INSTANCES}` });
+            out.push({ index: null, kind: "too-many", message: `${instances.length} instances: at most ${MAX_INSTANCES} are supported (MIGC++; MIGC weights: 28)` });
         }
         return out;
+    }
+
+    // ------------------------------------------------------------------ masks
+
+    /** Threshold RGBA pixels in place to opaque black/white (a hard brush mask stays binary, so Python
+     * stores it as a compact 1-bit PNG): covered = luminance x alpha of at least half. */
+    function binariseMask(data) {
+        for (let p = 0; p < data.length; p += 4) {
+            const lum = (0.299 * data[p] + 0.587 * data[p + 1] + 0.114 * data[p + 2]) * (data[p + 3] / 255);
+            const v = Math.round(lum) >= 128 ? 255 : 0;
+            data[p] = data[p + 1] = data[p + 2] = v;
+            data[p + 3] = 255;
+        }
+        return data;
+    }
+
+    /**
+     * The box MIGC++ derives from a mask (lib_migc/mask_codec.py mask_to_box): first and *last*
+     * covered column and row over the size, a pixel counting when its luminance x alpha is above 0.
+     * null for an empty mask.
+     */
+    function maskBox(data, width, height) {
+        let x0 = width, y0 = height, x1 = -1, y1 = -1;
+        for (let y = 0; y < height; y++) {
+            for (let x = 0; x < width; x++) {
+                const p = 4 * (y * width + x);
+                const lum = 0.299 * data[p] + 0.587 * data[p + 1] + 0.114 * data[p + 2];
+                if (Math.round(lum * data[p + 3] / 255) > 0) {
+                    if (x < x0) x0 = x;
+                    if (x > x1) x1 = x;
+                    if (y < y0) y0 = y;
+                    if (y > y1) y1 = y;
+                }
+            }
+        }
+        if (x1 < 0) return null;
+        return [x0 / width, y0 / height, x1 / width, y1 / height];
     }
 
     // ------------------------------------------------------------------ state with undo
@@ -442,6 +491,28 @@
             this.instances[index].box = box.slice();
         }
 
+        /** Set or drop an instance's mask without a checkpoint (the caller checkpoints once per stroke).
+         * With no mask left the instance is a box again: the last box it had, now given. */
+        setMask(index, mask, derivedBox) {
+            const inst = this.instances[index];
+            if (mask) {
+                inst.mask = mask;
+                if (inst.boxGiven !== true || !derivedBox) inst.boxGiven = false;
+                if (derivedBox && inst.boxGiven === false) inst.box = derivedBox.slice();
+            } else {
+                delete inst.mask;
+                delete inst.boxGiven;
+            }
+        }
+
+        /** "Clear mask": back to a box (its derived box); undoable. */
+        clearMask(index) {
+            if (index === null || !this.instances[index] || !this.instances[index].mask) return false;
+            this.checkpoint();
+            this.setMask(index, null);
+            return true;
+        }
+
         setField(index, name, value) {
             if (name === "description") {
                 this.checkpoint(`description-${index}`);
@@ -469,6 +540,6 @@
         MAX_INSTANCES, SCALE_FIELDS, SCALE_RANGE, LATENT_GRID, PALETTE, CURSORS,
         colour, clamp, round, roundBox, boxFromPoints, snapValue, snapBox, migcGridCells,
         hitTest, dragBox, normaliseInstance, parseLayoutJSON, layoutToJSON, parseOfficialYAML,
-        parseImport, layoutWarnings, LayoutState,
+        parseImport, layoutWarnings, LayoutState, binariseMask, maskBox,
     };
 });

@@ -236,7 +236,7 @@ def test_import_official_yaml_and_our_json(page, tmp_path):
     path = tmp_path / "layout.yaml"
     path.write_text(yaml_text)
     page.locator(f"#{ed.tab}_prompt textarea").fill("")
-    page.locator(f"#{ed.tab}_migc_editor_root input[type=file]").set_input_files(str(path))
+    page.locator(f"#{ed.tab}_migc_import_file").set_input_files(str(path))
     page.wait_for_function(f"() => document.querySelector('#{ed.tab}_migc_layout textarea').value.includes('a yellow pear')", timeout=10_000)
     assert [(i["description"], i["box"]) for i in ed.layout()] == [("a red apple", [0.1, 0.2, 0.4, 0.6]), ("a yellow pear", [0.5, 0.3, 0.9, 0.8])]
     assert page.locator(f"#{ed.tab}_prompt textarea").input_value() == "masterpiece, best quality, two fruits on a table"
@@ -244,7 +244,7 @@ def test_import_official_yaml_and_our_json(page, tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("a prompt:\n a cat:\n  - - 0.1\n    - 0.2\n")
-    page.locator(f"#{ed.tab}_migc_editor_root input[type=file]").set_input_files(str(bad))
+    page.locator(f"#{ed.tab}_migc_import_file").set_input_files(str(bad))
     page.wait_for_function(f"() => document.querySelector('#{ed.tab}_migc_status').innerText.includes('Import of bad.yaml failed')", timeout=10_000)
     assert "line 3" in page.locator(f"#{ed.tab}_migc_status").inner_text()
     assert len(ed.layout()) == 2, "a failed import changes nothing"

@@ -55,7 +55,7 @@ test("migcGridCells follows the UNet's rounding-up halvings", () => {
     assert.equal(C.migcGridCells(8), 1);
 });
 
-test("warnings: a box under one 16x16-grid cell, an empty description, more than 28 instances", () => {
+test("warnings: a box under one 16x16-grid cell, an empty description, more than 29 instances", () => {
     const inst = (box, description = "x") => ({ description, box, ca: 1, ea: 1, sac: 1 });
     const ok = inst([0, 0, 0.25, 0.25]);
     const narrow = inst([0.5, 0.5, 0.55, 0.9]); // 25.6 px wide at 512: under 32 px
@@ -66,7 +66,7 @@ test("warnings: a box under one 16x16-grid cell, an empty description, more than
     assert.deepEqual(C.layoutWarnings([narrow], 1024, 512), []);
     w = C.layoutWarnings([inst([0, 0, 1, 1], "  ")], 512, 512);
     assert.deepEqual(w.map((x) => x.kind), ["empty"]);
-    const many = Array.from({ length: 29 }, () => ok);
+    const many = Array.from({ length: 30 }, () => ok);
     assert.deepEqual(C.layoutWarnings(many, 512, 512).map((x) => x.kind), ["too-many"]);
     assert.deepEqual(C.layoutWarnings(many.slice(1), 512, 512), []);
 });
@@ -203,4 +203,62 @@ test("palette matches lib_migc/draw.py", () => {
     const triples = [...block.matchAll(/\((\d+), (\d+), (\d+)\)/g)].map((m) => m.slice(1, 4).map(Number));
     assert.deepEqual(triples, C.PALETTE);
     assert.equal(C.colour(14), C.colour(0));
+});
+
+// ---------------------------------------------------------------------------- masks (MIGC++)
+const MASK = "data:image/png;base64,iVBORw0KGgo=";  // the core never decodes it: any string passes through
+
+test("mask instances round-trip: a derived box is left out, a given one and a negative are kept", () => {
+    const text = JSON.stringify({ instances: [
+        { description: "a cat", mask: MASK },
+        { description: "a lamp", mask: MASK, box: [0.5, 0.1, 0.9, 0.9], negative: "blurry" },
+        { description: "a rug", box: [0, 0.8, 1, 1] },
+    ] });
+    const parsed = C.parseLayoutJSON(text);
+    assert.equal(parsed.instances[0].boxGiven, false);
+    assert.equal(parsed.instances[1].boxGiven, true);
+    assert.equal(parsed.instances[2].mask, undefined);
+    assert.deepEqual(JSON.parse(C.layoutToJSON(parsed.instances, parsed.extra)), JSON.parse(text));
+    assert.throws(() => C.parseLayoutJSON(JSON.stringify([{ description: "x", mask: 3 }])), /instances\[0\].*"mask"/);
+    assert.equal(C.MAX_INSTANCES, 29);
+});
+
+function pixels(width, height, on) {
+    const data = new Uint8ClampedArray(width * height * 4);
+    for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) {
+        const p = 4 * (y * width + x);
+        const v = on(x, y);
+        data[p] = data[p + 1] = data[p + 2] = v;
+        data[p + 3] = 255;
+    }
+    return data;
+}
+
+test("maskBox is Python's mask_to_box: first and last covered pixel over the size; empty is null", () => {
+    const data = pixels(20, 10, (x, y) => (x >= 3 && x <= 17 && y >= 2 && y < 6 ? 200 : 0));
+    close(C.maskBox(data, 20, 10), [3 / 20, 2 / 10, 17 / 20, 5 / 10]);
+    assert.equal(C.maskBox(pixels(4, 4, () => 0), 4, 4), null);
+    const faint = pixels(4, 4, (x, y) => (x === 2 && y === 1 ? 1 : 0));  // any non-zero value counts
+    close(C.maskBox(faint, 4, 4), [0.5, 0.25, 0.5, 0.25]);
+});
+
+test("binariseMask makes an antialiased stroke hard: half coverage or more is inside", () => {
+    const data = new Uint8ClampedArray([255, 255, 255, 255, 255, 255, 255, 100, 128, 128, 128, 255, 0, 0, 0, 0]);
+    assert.deepEqual([...C.binariseMask(data)], [255, 255, 255, 255, 0, 0, 0, 255, 255, 255, 255, 255, 0, 0, 0, 255]);
+});
+
+test("setMask derives the box, clearMask returns to a box, and both undo", () => {
+    const s = new C.LayoutState();
+    s.add([0.1, 0.1, 0.4, 0.4], "a cat");
+    s.checkpoint();
+    s.setMask(0, MASK, [0.2, 0.3, 0.5, 0.6]);
+    assert.deepEqual(JSON.parse(s.toJSON()).instances[0], { description: "a cat", mask: MASK });
+    close(s.instances[0].box, [0.2, 0.3, 0.5, 0.6]);
+    assert.ok(s.clearMask(0));
+    assert.deepEqual(JSON.parse(s.toJSON()).instances[0], { description: "a cat", box: [0.2, 0.3, 0.5, 0.6] });
+    s.undo();
+    assert.equal(s.instances[0].mask, MASK);
+    s.undo();
+    assert.equal(s.instances[0].mask, undefined);
+    close(s.instances[0].box, [0.1, 0.1, 0.4, 0.4]);
 });
