@@ -275,6 +275,8 @@ def before_sampling(p: Any, noise: Any = None) -> None:
     session = job.session
     width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
     session.begin_pass(width, height, list(p.seeds), devices.device)
+    if job.params.enabled and job.params.mode == MODE_MIGC and not hr_pass:
+        _warn_vanished(p, job.params, session.vanished_instances())
     session.structure = None
     if job.params.structure.enabled and session.pending_error is None and (not hr_pass or job.params.hires):
         _prepare_structure(job, hr_pass)
@@ -299,6 +301,16 @@ def before_sampling(p: Any, noise: Any = None) -> None:
     session.migc_off = hr_pass and not job.params.hires  # a hires pass for MagicFusion only
     job.hooks = job.host.Hooks(session, on_error=_finish, is_current=lambda: _active is job)
     job.hooks.install(p)
+
+
+def _warn_vanished(p: Any, params: MigcParams, indices: list[int]) -> None:
+    for i in indices:
+        inst = params.layout.instances[i]
+        shape = "mask" if inst.mask is not None else "box"
+        message = (f"MIGC: instance #{i + 1} ('{inst.description[:40]}') has a {shape} thinner than one cell of the "
+                   "16x16/8x8 feature maps MIGC shades (32/64 px at 512x512), so it vanishes there; make it larger.")
+        p.comment(message)
+        log.warning("%s", message)
 
 
 def _pass_prompts(p: Any, hr_pass: bool) -> list[str]:

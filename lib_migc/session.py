@@ -59,6 +59,22 @@ class MigcSession:
         self._generators = [make_generator(seed, device) for seed in seeds]
         self.step, self.total_steps = 0, 1
 
+    def vanished_instances(self, levels: Sequence[int] = (2, 3)) -> list[int]:
+        """Instances whose mask is all zero at a feature map the MIGC layers shade (16x16 and 8x8 at 512²:
+        2 and 3 halvings of the latent). Thin masks are point-sampled there (MIGC++ spec §3.3): such an
+        instance gets no shading, and only dilutes the aggregation's softmax."""
+        if self._masks is None or self.conditioning.count == 0:
+            return []
+        h, w = self._masks.latent_hw
+        gone = set()
+        for level in levels:
+            size = (h, w)
+            for _ in range(level):
+                size = (-(-size[0] // 2), -(-size[1] // 2))
+            masks = self._masks.at(size, torch.device("cpu"), torch.float32)
+            gone.update(i for i, row in enumerate(masks.instances) if not bool(row.any()))
+        return sorted(gone)
+
     def set_step(self, step: int, total_steps: int) -> None:
         self.step, self.total_steps = int(step), max(int(total_steps), 1)
 

@@ -104,3 +104,17 @@ def test_a_mask_equal_to_its_box_gives_the_boxes_masks():
     for tokens in (32 * 32, 16 * 16, 8 * 8):
         a, b = from_mask.for_tokens(tokens, "cpu", torch.float32), from_box.for_tokens(tokens, "cpu", torch.float32)
         assert torch.equal(a.instances, b.instances) and torch.equal(a.background, b.background)
+
+
+def test_a_mask_thinner_than_a_feature_cell_is_reported():
+    from lib_migc.params import MigcParams
+    from lib_migc.session import MigcSession
+    from lib_migc.shading import InstanceConditioning
+
+    thin = np.zeros((512, 512))
+    thin[:, 100:104] = 1.0  # a 4-px line: point-sampled away at 16x16 and 8x8
+    layout = parse_layout([{"description": "a pole", "mask": encode_mask(thin)}, {"description": "a cat", "box": [0.5, 0.5, 1, 1]}])
+    cond = InstanceConditioning.build(torch.zeros((2, 77, 768)), torch.zeros((2, 768)), layout.boxes)
+    session = MigcSession(MigcParams(enabled=True, layout=layout), cond, None)
+    session.begin_pass(512, 512, [1], torch.device("cpu"))
+    assert session.vanished_instances() == [0]
