@@ -26,7 +26,7 @@ from .params import INFOTEXT_KEY, MODE_MIGC, MODE_MULTIDIFFUSION, MODE_NAIVE, UI
 from .session import MigcSession
 from .shading import InstanceConditioning
 from .structure import TextEngine, build_runtime, skipped_message
-from .text_encoding import encode_conditioning, encode_phrases
+from .text_encoding import encode_conditioning, encode_phrases, own_global_context
 
 log = logging.getLogger("migc")
 
@@ -217,7 +217,7 @@ def _prepare(job: Job) -> MigcSession:
             _write_infotext(job, weights.kind)
             with devices.autocast():
                 contexts, pooled = encode_phrases(p.sd_model, layout.descriptions)
-                global_context = _own_global_context(params, lambda texts: encode_phrases(p.sd_model, texts)[0])
+                global_context = own_global_context(params, lambda texts: encode_phrases(p.sd_model, texts)[0])
             conditioning = InstanceConditioning.build(
                 contexts, pooled, layout.boxes, layout.scales("ca"), layout.scales("ea"), layout.scales("sac"))
         except MigcError as exc:
@@ -225,16 +225,6 @@ def _prepare(job: Job) -> MigcSession:
     session = MigcSession(job.params, conditioning, weights, global_context)
     session.pending_error = error
     return session
-
-
-def _own_global_context(params: MigcParams, encode: Any) -> torch.Tensor | None:
-    """The layout's own global prompt, encoded, when it replaces the main prompt in the shaded layers."""
-    if params.use_main_prompt:
-        return None
-    if not params.layout.global_prompt:
-        raise MigcError("MIGC: 'Use main prompt as global prompt' is off but the global prompt is empty; "
-                        "type a global prompt or turn the option back on.")
-    return encode([params.layout.global_prompt])
 
 
 def _prepare_naive(job: Job) -> MigcSession:
@@ -246,7 +236,7 @@ def _prepare_naive(job: Job) -> MigcSession:
     layout = params.layout
     with devices.autocast():
         contexts, _ = encode_conditioning(p.sd_model, layout.descriptions, p.width, p.height)
-        global_context = _own_global_context(params, lambda texts: encode_conditioning(p.sd_model, texts, p.width, p.height)[0])
+        global_context = own_global_context(params, lambda texts: encode_conditioning(p.sd_model, texts, p.width, p.height)[0])
     pooled = torch.zeros((len(layout), contexts.shape[-1]))  # only MIGC's Enhancement Attention reads it
     conditioning = InstanceConditioning.build(contexts, pooled, layout.boxes)
     steps = max(params.migc_steps, params.naive_steps)

@@ -15,7 +15,7 @@ from .errors import MigcError
 from .masks import LATENT_FACTOR
 from .multidiffusion_runtime import COLOUR_POOL, Bootstrap, RegionPrompts, RegionRuntime, layout_region_masks
 from .params import MigcParams
-from .text_encoding import encode_conditioning
+from .text_encoding import encode_conditioning, own_global_context
 
 log = logging.getLogger("migc")
 
@@ -37,7 +37,8 @@ def adapter(host: Any) -> Any:
 
 
 def encode_prompts(p: Any, params: MigcParams) -> RegionPrompts:
-    """Each box's description, and its own negative where given (others take the main negative)."""
+    """Each box's description, its own negative where given (others take the main negative), and the
+    layout's global prompt for the background region when it replaces the main prompt."""
     from modules import devices
 
     layout = params.layout
@@ -48,7 +49,9 @@ def encode_prompts(p: Any, params: MigcParams) -> RegionPrompts:
             main_negative = getattr(p, "negative_prompt", "") or ""
             texts = [negative if negative is not None else main_negative for negative in layout.negatives]
             uncond, uncond_vec = encode_conditioning(p.sd_model, texts, p.width, p.height)
-    return RegionPrompts(cond, cond_vec, uncond, uncond_vec)
+        encoded = own_global_context(params, lambda texts: encode_conditioning(p.sd_model, texts, p.width, p.height))
+        background, background_vec = encoded if encoded is not None else (None, None)
+    return RegionPrompts(cond, cond_vec, uncond, uncond_vec, background, background_vec)
 
 
 def colour_latents(p: Any, seed: int, count: int = COLOUR_POOL) -> torch.Tensor:
@@ -59,7 +62,8 @@ def colour_latents(p: Any, seed: int, count: int = COLOUR_POOL) -> torch.Tensor:
 
     g = torch.Generator().manual_seed(int(seed))
     colours = torch.rand((count, 3, 1, 1), generator=g).expand(count, 3, 64, 64)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
         latents = sd_samplers_common.images_tensor_to_samples(colours.contiguous(), approximation=0, model=p.sd_model)
     return latents.float().mean(dim=(2, 3)).cpu()
 

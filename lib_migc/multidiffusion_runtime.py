@@ -40,6 +40,8 @@ class RegionPrompts:
     cond_vectors: torch.Tensor | None = None
     uncond: torch.Tensor | None = None
     uncond_vectors: torch.Tensor | None = None
+    background: torch.Tensor | None = None  # (1, L, D): the layout's own global prompt instead of the row's
+    background_vector: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -194,9 +196,14 @@ class RegionRuntime:
             return [own], [own_vector]
         prompts = self.prompts
         table, vectors = (prompts.cond, prompts.cond_vectors) if cond else (prompts.uncond, prompts.uncond_vectors)
-        contexts = [own] + [own if table is None else table[i].to(own) for i in range(prompts.count)]
-        vecs = [own_vector] + [own_vector if vectors is None or own_vector is None else vectors[i].to(own_vector)
-                               for i in range(prompts.count)]
+        background, background_vector = own, own_vector
+        if cond and prompts.background is not None:
+            background = prompts.background[0].to(own)
+            if own_vector is not None and prompts.background_vector is not None:
+                background_vector = prompts.background_vector[0].to(own_vector)
+        contexts = [background] + [own if table is None else table[i].to(own) for i in range(prompts.count)]
+        vecs = [background_vector] + [own_vector if vectors is None or own_vector is None else vectors[i].to(own_vector)
+                                      for i in range(prompts.count)]
         return contexts, vecs
 
     def _run(self, call: ModelCall, x: torch.Tensor, levels: torch.Tensor, contexts: list[torch.Tensor],

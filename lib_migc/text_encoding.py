@@ -76,3 +76,14 @@ def encode_conditioning(sd_model: Any, texts: Sequence[str], width: int | None =
     if isinstance(cond, dict):
         return cond["crossattn"], cond.get("vector")
     return cond, None
+
+
+def own_global_context(params: Any, encode: Any) -> Any:
+    """The layout's own global prompt, encoded with ``encode(texts)``, when it replaces the main prompt
+    (MIGC's global branch, the naive mode, MultiDiffusion's background region); None when it does not."""
+    if params.use_main_prompt:
+        return None
+    if not params.layout.global_prompt:
+        raise MigcError("MIGC: 'Use main prompt as global prompt' is off but the global prompt is empty; "
+                        "type a global prompt or turn the option back on.")
+    return encode([params.layout.global_prompt])

@@ -103,7 +103,7 @@ def _finish(p):
     job.postprocess(p, SimpleNamespace(images=[], infotexts=[]))
 
 
-def _reference(p, x, level, cond, uncond, negatives=None, bootstrap=None, step=0, vp=False):
+def _reference(p, x, level, cond, uncond, negatives=None, bootstrap=None, step=0, vp=False, background=None):
     """Literal MultiDiffusion: every region of every row through the plain denoiser alone, fused by hand."""
     model, denoiser = p.sd_model, type(p.sampler.model_wrap_cfg.inner_model)(p.sd_model)
     layout = MigcParams.from_api(_data()).layout
@@ -116,6 +116,8 @@ def _reference(p, x, level, cond, uncond, negatives=None, bootstrap=None, step=0
             num, den = 0.0, 0.0
             for i in range(masks.shape[0]):
                 c, v = ctx[b:b + 1], None if vec is None else vec[b:b + 1]
+                if i == 0 and kind == 0 and background is not None:
+                    c = _split(model.get_learned_conditioning([background]))[0]
                 table = descs if kind == 0 else negs
                 if i > 0 and table is not None:
                     c, v = table[0][i - 1:i], None if table[1] is None else table[1][i - 1:i]
@@ -267,3 +269,15 @@ def test_malformed_input_is_refused_in_every_mode(webui_modules, bad, words):
             MigcParams.from_api({**_data(mode=mode), **bad})
         for word in words:
             assert word in str(info.value), str(info.value)
+
+
+def test_the_layouts_own_global_prompt_is_the_background_region(webui_modules, unets, text_model):
+    model = _model(unets, text_model, "sd1")
+    p = _p(model, KDenoiser)
+    x, cond, uncond = _inputs(model)
+    _start(p, _data(use_main_prompt=False, global_prompt="a beach"))
+    out = _cfg_call(p, x, torch.tensor([3.0]), cond, uncond, step=0)
+    _finish(p)
+    ref = _reference(p, x, torch.tensor([3.0]), cond, uncond, background="a beach")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert (out - _reference(p, x, torch.tensor([3.0]), cond, uncond)).abs().amax() > 1e-4
