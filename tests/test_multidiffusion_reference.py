@@ -40,6 +40,18 @@ def test_regenerated_inputs_are_the_recorded_ones(case):
         assert torch.equal(d[name], ref[f"in_{name}"]), name
 
 
+def test_regenerated_inputs_match_the_recorded_sha256(case, shared_dir):
+    """The header's checksums cover every input, including the colours, which are stored only as a hash."""
+    from safetensors import safe_open
+
+    with safe_open(str(shared_dir / "data" / "modes" / "multidiffusion" / f"{CASE}.safetensors"), "pt") as f:
+        header = f.metadata()
+    names = [k[len("sha256_"):] for k in header if k.startswith("sha256_")]
+    assert "colours" in names
+    for name in names:
+        assert case["inputs"].tensor_sha256(case["data"][name]) == header[f"sha256_{name}"], name
+
+
 def test_masks_are_exact(case):
     d = case["data"]
     masks = md.region_masks([tuple(b) for b in d["boxes"].tolist()], 512, 512)
@@ -66,8 +78,10 @@ def test_full_trajectory_float64(case, fusion):
     assert err <= 1e-6
 
 
-def test_full_trajectory_float32(case):
-    assert _rel(_run(case, dtype=torch.float32), case["ref"]["out_final_latent"]) <= 1e-4
+@pytest.mark.parametrize("fusion", ["eps", "x0", "official", "euler_k"])
+def test_full_trajectory_float32(case, fusion):
+    out = _run(case, dtype=torch.float32, euler=True) if fusion == "euler_k" else _run(case, dtype=torch.float32, fusion=fusion)
+    assert _rel(out, case["ref"]["out_final_latent"]) <= 1e-4
 
 
 def _fresh_noise(case):
