@@ -31,14 +31,18 @@ def box_mask(box: Box, height: int, width: int) -> torch.Tensor:
     return mask
 
 
+def fitted_mask(mask: str, height: int, width: int) -> torch.Tensor:
+    """A mask instance's (soft) values at the image size, float64: what every mode reads of a mask."""
+    from .mask_codec import decode_mask, fit_mask
+
+    return torch.from_numpy(fit_mask(decode_mask(mask), height, width))
+
+
 def full_res_masks(layout: Layout, height: int, width: int) -> torch.Tensor:
     """(N, height, width) float64 instance masks at image resolution: a mask instance's own (soft) values,
     a box instance's rasterised box."""
-    from .mask_codec import decode_mask, fit_mask
-
     masks = [
-        torch.from_numpy(fit_mask(decode_mask(inst.mask), height, width)) if inst.mask is not None
-        else box_mask(inst.box, height, width)
+        fitted_mask(inst.mask, height, width) if inst.mask is not None else box_mask(inst.box, height, width)
         for inst in layout.instances
     ]
     return torch.stack(masks) if masks else torch.zeros((0, height, width), dtype=torch.float64)

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .layout import Layout
-from .masks import LATENT_FACTOR
+from .masks import LATENT_FACTOR, fitted_mask
 from .multidiffusion import bootstrap_inputs, bootstrap_inputs_sigma, fuse_rows, pixel_boxes, region_masks
 
 #: Candidate background colours for bootstrapping (the official code draws one per bootstrapping step).
@@ -93,16 +93,14 @@ def layout_region_masks(layout: Layout, width: int, height: int) -> torch.Tensor
     """(R, 1, height/8, width/8) binary masks, background first, by the official rule: a latent cell is
     inside a region iff the image pixel at its top-left corner is (boxes: pixel box [x0, x1) -> latent
     columns ceil(x0/8) .. ceil(x1/8) - 1; mask instances: thresholded at 0.5, then that pixel)."""
-    from .mask_codec import decode_mask, fit_mask
-
     boxes = region_masks(pixel_boxes(layout.boxes, height, width), height, width)[1:]
     masks = []
     for index, inst in enumerate(layout.instances):
         if inst.mask is None:
             masks.append(boxes[index])
             continue
-        full = fit_mask(decode_mask(inst.mask), height, width)[::LATENT_FACTOR, ::LATENT_FACTOR]
-        masks.append(torch.from_numpy((full >= 0.5).astype("float32"))[None, :height // LATENT_FACTOR, :width // LATENT_FACTOR])
+        corners = fitted_mask(inst.mask, height, width)[::LATENT_FACTOR, ::LATENT_FACTOR]
+        masks.append((corners >= 0.5).float()[None, :height // LATENT_FACTOR, :width // LATENT_FACTOR])
     fg = torch.stack(masks) if masks else torch.zeros((0, 1, height // LATENT_FACTOR, width // LATENT_FACTOR))
     background = (1.0 - fg.sum(0, keepdim=True)).clamp(min=0.0)
     return torch.cat([background, fg])
@@ -155,11 +153,12 @@ class RegionRuntime:
     ) -> torch.Tensor:
         """The fused model output for rows ``x`` (B, C, h, w) of the given kinds and images."""
         boot = self.bootstrap if self.bootstrap is not None and self.bootstrap.active(step) else None
+        masks = self.masks.to(device=x.device, dtype=x.dtype)  # once per call, not per row
         plan: list[tuple[int, int]] = []  # per input row: (first expanded row, number of region rows)
         xs, lv, ctx, vec, src = [], [], [], [], []
         for r, cond in enumerate(is_cond):
             regional = cond or boot is not None or self.prompts.uncond is not None
-            rows = self._region_inputs(x[r], levels[r], images[r], step, boot) if regional else x[r:r + 1]
+            rows = self._region_inputs(x[r], levels[r], images[r], step, boot, masks[1:]) if regional else x[r:r + 1]
             plan.append((len(src), rows.shape[0]))
             xs.append(rows)
             lv.append(levels[r:r + 1].expand(rows.shape[0]))
@@ -171,10 +170,11 @@ class RegionRuntime:
         fused = []
         for start, count in plan:
             rows = out[start:start + count]
-            fused.append(rows[0] if count == 1 else fuse_rows(rows[None], self.masks.to(rows.device))[0])
+            fused.append(rows[0] if count == 1 else fuse_rows(rows[None], masks)[0])
         return torch.stack(fused)
 
-    def _region_inputs(self, x: torch.Tensor, level: torch.Tensor, image: int, step: int, boot: Bootstrap | None) -> torch.Tensor:
+    def _region_inputs(self, x: torch.Tensor, level: torch.Tensor, image: int, step: int, boot: Bootstrap | None,
+                       fg: torch.Tensor) -> torch.Tensor:
         """(R, C, h, w): the row itself for the background, and for each box the row or, while
         bootstrapping, the row inside the box over a noised constant colour outside it."""
         n = self.prompts.count
@@ -182,7 +182,6 @@ class RegionRuntime:
             return x[None].expand(n + 1, *x.shape)
         colours = boot.backgrounds(image, step, n).to(device=x.device, dtype=x.dtype)
         noise0 = boot.noise0[min(image, len(boot.noise0) - 1)].to(device=x.device, dtype=x.dtype)
-        fg = self.masks[1:].to(device=x.device, dtype=x.dtype)
         if self.space == "vp":
             alpha = self.alphas_cumprod.to(x.device)[level.long()].to(x.dtype)
             boxes = bootstrap_inputs(x[None], fg, colours, noise0[None], alpha)
