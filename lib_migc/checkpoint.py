@@ -3,8 +3,9 @@
 The official ``MIGC_SD14.ckpt`` is a torch pickle ``{"state_dict": {...}}`` whose keys name positions in
 the CompVis UNet and contain the token ``migc``; the sub-key of a layer's block is everything after that
 token. Community conversions use diffusers block names instead. Keys are parsed by their tokens (block
-kind, block index, ``migc``), never by a fixed prefix, and a file is never unpickled beyond plain
-tensors (``torch.load(weights_only=True)``) unless the user explicitly converts it with ``--trust``.
+kind, block index, ``migc``), never by a fixed prefix. A pickle is read by :mod:`lib_migc.safe_pickle`
+(an allow-list unpickler of our own, whatever the host's torch), never by ``torch.load``, unless the
+user explicitly converts a file with ``--trust``.
 
 Every problem found (missing, unexpected or wrongly shaped keys) is reported together in one
 :class:`CheckpointError`, so a user sees at once what is wrong with a file.
@@ -21,6 +22,7 @@ from typing import Mapping
 
 import torch
 
+from . import safe_pickle
 from .errors import CheckpointError
 from .modules import BlockType, block_class, expected_state_shapes
 from .unet_layers import layer_sort_key
@@ -56,19 +58,33 @@ class MigcWeights:
 
 
 # ------------------------------------------------------------------------------------ reading files
-def _torch_load():
-    """torch's own loader. A1111 replaces ``torch.load`` with a checker (modules.safe) that rejects files
-    written by current torch (their ``.format_version`` entry) and returns None; ``weights_only=True``
-    already refuses everything but tensors, so the original function is the one to call."""
+def _trusted_torch_load():
+    """torch's own full loader, only for the convert CLI's ``--trust``. A1111 replaces ``torch.load``
+    with a checker (modules.safe) that rejects files written by current torch; its original is kept."""
     safe = sys.modules.get("modules.safe")
     return getattr(safe, "unsafe_torch_load", None) or torch.load
+
+
+def read_pickle(path: str, what: str, hint: str) -> object:
+    """The object a torch pickle holds, through the allow-list unpickler; refusals and damage become
+    :class:`CheckpointError` naming ``what`` (e.g. "MIGC weights 'x.ckpt'") and ending with ``hint``."""
+    try:
+        return safe_pickle.load(path)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{what} contain Python objects other than tensors, which are not loaded for safety "
+                              f"({str(exc).splitlines()[0][:200]}). {hint}") from None
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{what} could not be read (truncated or corrupt?): not a torch zip checkpoint "
+                              f"(torch before 1.6 wrote another format). {hint}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{what} could not be read (truncated or corrupt?): {str(exc)[:300]}") from None
 
 
 def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` or torch pickle file, unwrapping a ``state_dict`` entry.
 
-    Pickles are read with ``weights_only=True``; ``trust_pickle`` (only for the explicit convert CLI)
-    allows a full unpickle of a file the user vouches for.
+    Pickles go through :func:`read_pickle` (never ``torch.load``); ``trust_pickle`` (only for the
+    explicit convert CLI) allows torch's full unpickle of a file the user vouches for.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"MIGC weights file not found: {path}", status_code=404)
@@ -81,16 +97,12 @@ def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, torch.Te
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"MIGC weights '{name}' could not be read as safetensors (truncated or corrupt?): {exc}") from None
-    try:
-        data = _torch_load()(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"MIGC weights '{name}' contain Python objects other than tensors, which are not loaded for safety "
-            f"({str(exc).splitlines()[0][:200]}). If you trust this file, convert it once with "
-            f"'python -m lib_migc.convert --trust \"{path}\" OUT.safetensors' and select the .safetensors file."
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"MIGC weights '{name}' could not be read (truncated or corrupt?): {str(exc)[:300]}") from None
+    if trust_pickle:
+        data = _trusted_torch_load()(path, map_location="cpu", weights_only=False)
+    else:
+        data = read_pickle(path, f"MIGC weights '{name}'",
+                           f"If you trust this file, convert it once with 'python -m lib_migc.convert --trust \"{path}\" "
+                           "OUT.safetensors' and select the .safetensors file.")
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping):

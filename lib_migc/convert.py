@@ -2,7 +2,7 @@
 
     python -m lib_migc.convert MIGC_SD14.ckpt MIGC_SD14.safetensors
 
-The input is read with ``torch.load(weights_only=True)`` and validated as MIGC weights; keys are kept
+The input is read with the allow-list unpickler (lib_migc.safe_pickle) and validated as MIGC weights; keys are kept
 as they are. ``--trust`` allows a full unpickle for a file whose top level holds other Python objects
 that the safe loader refuses: use it only for a file you trust, since unpickling can run code.
 """

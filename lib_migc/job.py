@@ -5,13 +5,19 @@ The Script stays free of logic: it forwards ``before_process`` / ``process`` /
 callback here; the host module (``hosts.a1111`` or ``hosts.forge``) only installs its hooks.
 Exceptions raised in Script callbacks are swallowed by the WebUI, so errors found before sampling are
 kept on the session and raised by the first hooked attention call, which stops the job with the message
-in the UI and a 4xx answer over the API; the hooks are removed first. A job's hooks are removed after
-each batch, after the job, and at the start of the next job in case a failed job never reached its
-own cleanup; hooks left from a job that is no longer current step aside by themselves.
+in the UI and a 4xx answer over the API; the hooks are removed first. Any failure while reading the
+arguments becomes such an error too, so a request that asks for MIGC never succeeds without it.
+
+What a job holds is released as soon as it cannot be needed: hooks after each batch; the job (its ``p``,
+session and tensors) after the job, when ``p.close()`` runs (the WebUI closes every job, failed ones
+included) and when any of our hooks raises; and again at the start of the next job. Model B is freed by
+every job that does not use MagicFusion, the panel off included, and when the main model changes; the
+MIGC weights when the main model changes to one MIGC cannot use (unless the user keeps them).
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
@@ -72,6 +78,33 @@ def before_process(p: Any) -> None:
     _finish()
 
 
+def _release_when_closed(job: Job) -> None:
+    """Drop the job when the WebUI closes its ``p`` (``with closing(p)``, failed or interrupted jobs
+    included), so no session, hook or tensor outlives it; an instance attribute, so only this ``p``."""
+    p, ref = job.p, weakref.ref(job)
+    close = getattr(p, "close", None)
+
+    def closing(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return close(*args, **kwargs) if close is not None else None
+        finally:
+            if _active is not None and _active is ref():
+                _finish()
+
+    try:
+        p.close = closing
+    except AttributeError:  # a processing object that takes no attributes: the next job's start cleans up
+        pass
+
+
+def on_model_loaded(sd_model: Any) -> None:
+    """``script_callbacks.on_model_loaded``: model B was paired with the previous main model, so it goes;
+    the MIGC weights go when the new model is not SD1.x (setting ``migc_keep_weights`` keeps them)."""
+    fusion_job.free_model_b()
+    if not getattr(sd_model, "is_sd1", False) and not settings.option("migc_keep_weights"):
+        weights_store.unload()
+
+
 def model_family(model: Any) -> str | None:
     """"sd1", "sd2", "sdxl" or None (another architecture, e.g. Flux on Forge)."""
     for family in ("sd1", "sd2", "sdxl"):
@@ -113,9 +146,14 @@ def _asks_for_anything(args: tuple) -> bool:
     first = args[0]
     if isinstance(first, dict):
         parts = [first.get(name) for name in ("structure", "magicfusion")]
-        return first.get("enabled", True) is not False or any(isinstance(d, dict) and d.get("enabled", True) is not False for d in parts)
+        return first.get("enabled", True) is not False or any(d is not None and (not isinstance(d, dict) or d.get("enabled", True) is not False) for d in parts)
+    # Anything but an explicit off (false/null) counts as asking: a wrong type then gets its 4xx message.
     switches = [UI_FIELDS.index(name) for name in ("structure_enabled", "fusion_enabled")]
-    return first is True or any(len(args) > i and args[i] is True for i in switches)
+    return _switch_on(first) or any(len(args) > i and _switch_on(args[i]) for i in switches)
+
+
+def _switch_on(value: Any) -> bool:
+    return value is not None and value is not False
 
 
 def _effective(p: Any, params: MigcParams, host: ModuleType) -> MigcParams | None:
@@ -149,19 +187,27 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
     global _active
     _finish()
     if not _asks_for_anything(args):
+        fusion_job.free_model_b()
         return
     try:
         params = MigcParams.from_ui(*args)
-    except MigcError as exc:
-        _active = Job(p=p, params=MigcParams(enabled=True), host=host, error=exc)
-        log.error("%s", exc)
-        return
-    if not params.magicfusion.enabled:
+    except Exception as exc:  # noqa: BLE001 - the WebUI would swallow it and answer 200 without MIGC
         fusion_job.free_model_b()
-    params = _effective(p, params, host)
-    if params is None:
+        _fail_job(p, host, argument_error(exc))
         return
+    try:
+        effective = _effective(p, params, host)
+    except Exception as exc:  # noqa: BLE001
+        fusion_job.free_model_b()
+        _fail_job(p, host, unexpected_error("MIGC could not start", exc))
+        return
+    if effective is None or not effective.magicfusion.enabled:
+        fusion_job.free_model_b()
+    if effective is None:
+        return
+    params = effective
     job = _active = Job(p=p, params=params, host=host)
+    _release_when_closed(job)
     try:
         if params.enabled:
             # Masks at the image size from here on: the generation and the infotext see the same values.
@@ -175,6 +221,8 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
             job.model_b_hash = fusion_job.model_b_hash(p, host, params.magicfusion.model_b)
     except MigcError as exc:
         job.error = exc
+    except Exception as exc:  # noqa: BLE001
+        job.error = unexpected_error("MIGC could not start", exc)
     _write_infotext(job)
     if params.enabled and params.append_descriptions and params.mode != MODE_MULTIDIFFUSION:
         descriptions = params.layout.descriptions
@@ -182,6 +230,30 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
             prompts = getattr(p, name, None)
             if prompts:
                 setattr(p, name, [with_descriptions_appended(text, descriptions) for text in prompts])
+
+
+def argument_error(exc: Exception) -> MigcError:
+    """Any failure to read the script's arguments, as the 4xx error the job stops with."""
+    if isinstance(exc, MigcError):
+        return exc
+    return MigcError(f"MIGC: the script arguments could not be read ({type(exc).__name__}: {str(exc)[:300]}); "
+                     "see the README's API section for the dict and list forms.")
+
+
+def unexpected_error(what: str, exc: Exception) -> MigcError:
+    """A failure that is not the user's input: logged with its traceback, reported as a 500 with the message."""
+    if isinstance(exc, MigcError):
+        return exc
+    log.exception("%s", what)
+    return MigcError(f"{what}: {type(exc).__name__}: {str(exc)[:300]}", status_code=500)
+
+
+def _fail_job(p: Any, host: ModuleType, error: MigcError) -> None:
+    """A job that only carries ``error``: its first hooked call raises it (and nothing else runs)."""
+    global _active
+    log.error("%s", error)
+    job = _active = Job(p=p, params=MigcParams(enabled=True), host=host, error=error)
+    _release_when_closed(job)
 
 
 def _write_infotext(job: Job, weights_kind: str | None = None) -> None:

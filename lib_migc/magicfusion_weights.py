@@ -2,22 +2,19 @@
 check that it pairs with the loaded model.
 
 SNB uses only B's UNet (A's text encoder and VAE serve both, as in the official fused run), so the
-text encoder and VAE of B's file are never materialised; a pickle is read with ``weights_only`` so no
-code in it runs. Nothing here imports the WebUI.
+text encoder and VAE of B's file are never materialised; a pickle is read by the allow-list unpickler
+(:mod:`lib_migc.safe_pickle`), so no code in it runs on any torch version. Nothing here imports the WebUI.
 """
 from __future__ import annotations
 
 import os
-import pickle
-import re
-import sys
-import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .checkpoint import read_pickle
 from .errors import CheckpointError, MigcError
 
 SD1_CONTEXT_DIM = 768
@@ -25,13 +22,6 @@ UNET_PREFIX = "model.diffusion_model."
 INPUT_CONV_KEY = "input_blocks.0.0.weight"
 #: The first cross-attention key projection of the SD1 UNet: its shape is (320, context width).
 ATTN2_TO_K_KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-
-
-def _torch_load():
-    """torch's own loader: A1111 swaps ``torch.load`` for a checker that refuses files written by current
-    torch (see ``lib_migc.checkpoint``); ``weights_only=True`` already refuses anything but tensors."""
-    safe = sys.modules.get("modules.safe")
-    return getattr(safe, "unsafe_torch_load", None) or torch.load
 
 
 def _unet_only(state: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -52,24 +42,9 @@ def _read_safetensors_unet(path: str, name: str) -> dict[str, Tensor]:
                               f"(truncated or corrupt?): {str(exc)[:300]}") from None
 
 
-def _unpickling_reason(exc: Exception) -> str:
-    """The informative line of torch's weights-only refusal ("Unsupported global: ..."), without colours."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
-    detail = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line), "")
-    return (detail or next((line for line in lines if line), "unpickling refused"))[:200]
-
-
 def _read_pickle_unet(path: str, name: str) -> dict[str, Tensor]:
-    """The UNet tensors of a torch pickle, loaded with ``weights_only=True`` (no code is ever run)."""
-    try:
-        data = _torch_load()(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"MagicFusion model B '{name}' contains Python objects other than tensors, which are not loaded "
-            f"for safety ({_unpickling_reason(exc)}). Use a .safetensors version of this model.") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"MagicFusion model B '{name}' could not be read (truncated or corrupt?): "
-                              f"{str(exc)[:300]}") from None
+    """The UNet tensors of a torch pickle, read by the allow-list unpickler (no code in the file ever runs)."""
+    data = read_pickle(path, f"MagicFusion model B '{name}'", "Use a .safetensors version of this model.")
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping):
@@ -81,7 +56,7 @@ def load_unet_state(path: str) -> dict[str, Tensor]:
     """The UNet weights of a standard SD1 checkpoint, keys without ``model.diffusion_model.``.
 
     SNB uses only B's UNet (A's text encoder and VAE serve both), so nothing else is kept.
-    ``.safetensors`` is read with safetensors; anything else as a torch pickle with ``weights_only``.
+    ``.safetensors`` is read with safetensors; anything else as a torch pickle through the allow-list unpickler.
     """
     name = os.path.basename(path)
     if not os.path.isfile(path):

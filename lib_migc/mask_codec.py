@@ -13,14 +13,25 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from functools import lru_cache
+import threading
+import warnings
+from collections import OrderedDict
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DATA_URL_PREFIX = "data:image/png;base64,"
 #: Masks larger than this (per side) are refused: nobody generates at 8k and decoding would cost memory.
+#: Checked from the image header, before anything is decoded.
 MAX_MASK_SIDE = 4096
+#: Longest accepted mask string (base64 characters, data-URL head included): 16 MiB, i.e. a 12 MB image,
+#: far above a 4096x4096 8-bit mask PNG of real brush strokes (tens of kB to a few MB).
+MAX_MASK_CHARS = 16 * 1024 * 1024
+#: Formats a mask may come in; anything else (EPS, PSD, ...) is never handed to a decoder.
+MASK_FORMATS = ("PNG", "JPEG", "WEBP")
+#: The decode cache holds 8-bit masks (one byte a pixel, lossless for PNG levels) up to this many bytes
+#: in all, strings included: a job parses, fits and rasterises the same strings several times.
+CACHE_BYTES = 8 * 1024 * 1024
 
 
 class MaskDecodeError(ValueError):
@@ -31,19 +42,68 @@ def decode_mask(value: str) -> np.ndarray:
     """A read-only (h, w) float64 array in [0, 1] from a PNG/JPEG/WebP data URL or bare base64.
 
     Colour images count by luminance; transparent pixels count as 0 (an image painted on a transparent
-    layer works as a mask). Cached: a job parses, fits and rasterises the same strings several times.
-    """
-    return _decode_cached(value.strip())
-
-
-@lru_cache(maxsize=64)
-def _decode_cached(text: str) -> np.ndarray:
-    mask = _decode(text)
+    layer works as a mask). The 8-bit levels are cached (see :data:`CACHE_BYTES`)."""
+    text = value.strip()
+    levels = _CACHE.get(text)
+    if levels is None:
+        levels = _decode(text)
+        _CACHE.put(text, levels)
+    mask = levels / 255.0
     mask.setflags(write=False)
     return mask
 
 
+class _ByteBoundedCache:
+    """Least-recently-used masks whose levels and keys together stay under ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(key: str, value: np.ndarray) -> int:
+        return len(key) + value.nbytes
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        size = self._size(key, value)
+        if size > self.limit:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.limit:
+                old_key, old_value = self._items.popitem(last=False)
+                self._bytes -= self._size(old_key, old_value)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+_CACHE = _ByteBoundedCache(CACHE_BYTES)
+
+
 def _decode(text: str) -> np.ndarray:
+    """(h, w) uint8 levels, read-only. Size, format and integrity are checked before pixels are decoded."""
+    if len(text) > MAX_MASK_CHARS:
+        raise MaskDecodeError(f"the mask string has {len(text):,} characters; at most {MAX_MASK_CHARS:,} are allowed "
+                              f"(a mask of at most {MAX_MASK_SIDE}x{MAX_MASK_SIDE} px)")
     if text.startswith("data:"):
         head, sep, text = text.partition(",")
         if not sep or ";base64" not in head:
@@ -52,19 +112,42 @@ def _decode(text: str) -> np.ndarray:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise MaskDecodeError("not valid base64 (expected a PNG as a data URL or bare base64)") from None
+    image = _open_checked(raw)
     try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError):
-        raise MaskDecodeError("the base64 data is not an image PNG/JPEG/WebP can read") from None
-    if max(image.size) > MAX_MASK_SIDE:
-        raise MaskDecodeError(f"image is {image.size[0]}x{image.size[1]}; at most {MAX_MASK_SIDE} px per side is allowed")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise MaskDecodeError("the image data is truncated or corrupt") from None
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(black, rgba)
-    gray = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
-    return gray
+    levels = np.asarray(image.convert("L"), dtype=np.uint8).copy()
+    levels.setflags(write=False)
+    return levels
+
+
+def _open_checked(raw: bytes) -> Image.Image:
+    """The image behind ``raw`` with only its header read: format and size checked, PNG chunks verified
+    (a truncated PNG is refused even where the host sets ``ImageFile.LOAD_TRUNCATED_IMAGES``)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw), formats=MASK_FORMATS)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise MaskDecodeError(f"the image header claims a huge size; at most {MAX_MASK_SIDE} px per side is allowed") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise MaskDecodeError(f"the base64 data is not an image ({'/'.join(MASK_FORMATS)} are read)") from None
+    width, height = image.size
+    if max(width, height) > MAX_MASK_SIDE or min(width, height) < 1:
+        raise MaskDecodeError(f"image is {width}x{height}; at most {MAX_MASK_SIDE} px per side is allowed")
+    if image.format == "PNG":
+        try:
+            Image.open(io.BytesIO(raw), formats=("PNG",)).verify()
+        except Exception:  # noqa: BLE001 - verify raises many kinds for damaged data
+            raise MaskDecodeError("the PNG data is truncated or corrupt") from None
+    return image
 
 
 def encode_mask(mask: np.ndarray) -> str:

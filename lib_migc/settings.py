@@ -15,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "migc_default_naive_steps": 0.0,
     "migc_default_hires": False,
     "migc_md_max_rows": 0,
+    "migc_keep_weights": False,
 }
 
 
@@ -57,6 +58,8 @@ def register() -> None:
         "migc_default_hires": info(DEFAULTS["migc_default_hires"], "Run MIGC in the hires-fix pass by default", section=section),
         "migc_md_max_rows": info(DEFAULTS["migc_md_max_rows"], "MultiDiffusion: most UNet rows per call (0 = from free GPU memory; lower it if you run out of memory)",
                                  gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}, section=section),
+        "migc_keep_weights": info(DEFAULTS["migc_keep_weights"], "Keep the MIGC weights loaded when switching to a model MIGC cannot use (SD2.x, SDXL, ...); off frees them at once",
+                                  section=section),
     }
     for name, item in items.items():
         shared.opts.add_option(name, item)

@@ -7,10 +7,13 @@ Python only ever reads one format, and the textbox is still there if the script 
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from .params import DEFAULT_BOOTSTRAP, INFOTEXT_KEY, MODES, MigcParams, UI_FIELDS
 from . import settings, weight_files
+
+log = logging.getLogger("migc")
 
 LAYOUT_EXAMPLE = (
     '{"instances": [{"description": "a red teddy bear", "box": [0.05, 0.3, 0.45, 0.95]},\n'
@@ -83,8 +86,10 @@ def build_panel(is_img2img: bool) -> list[Any]:
             return gr.update(choices=found or [settings.option("migc_default_weights")])
 
         refresh.click(fn=refresh_choices, inputs=[], outputs=[weights])
-    components = [enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append, draw_boxes, hires,
-                  *structure, *fusion, mode, bootstrap]
+        paste_status = gr.Markdown("", elem_id=f"{tab}_migc_paste_status")
+    components = PanelComponents([enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append,
+                                  draw_boxes, hires, *structure, *fusion, mode, bootstrap])
+    components.paste_status = paste_status
     assert len(components) == len(UI_FIELDS)
     return components
 
@@ -189,8 +194,33 @@ def _tool_button(gr: Any, label: str, elem_id: str) -> Any:
         return gr.Button(value=label, elem_id=elem_id)
 
 
-def infotext_fields(components: list[Any]) -> list[tuple[Any, Callable[[dict], Any]]]:
-    """Restore every component from a pasted infotext; a paste without MIGC turns MIGC off.
+#: The panel's switches and mode: what a paste without a MIGC entry resets (the drawn layout is kept).
+SWITCH_FIELDS = ("enabled", "structure_enabled", "fusion_enabled", "mode")
+
+
+def pasted_values(params: dict) -> tuple[list[Any], str]:
+    """What pasting an infotext (the WebUI's parsed ``params``) sets in the panel, in :data:`UI_FIELDS`
+    order (None: leave that component as it is), and a message for the user ("" when all went well).
+
+    Without a MIGC entry the image was made without any part of the panel, so MIGC, StructureDiffusion
+    and MagicFusion are all turned off and the mode goes back to its default; a MIGC entry that cannot be
+    read changes nothing and says why.
+    """
+    text = params.get(INFOTEXT_KEY)
+    if text is None:
+        defaults = MigcParams().ui_values()
+        return [defaults[i] if name in SWITCH_FIELDS else None for i, name in enumerate(UI_FIELDS)], ""
+    try:
+        return MigcParams.from_infotext(text).ui_values(), ""
+    except Exception as exc:  # noqa: BLE001 - any malformed entry is reported the same way
+        log.warning("MIGC: the pasted infotext's MIGC entry could not be read: %s", exc)
+        return [None] * len(UI_FIELDS), (f"⚠ The pasted infotext's MIGC entry could not be read, so the MIGC panel was "
+                                         f"left as it was: {exc}")
+
+
+def infotext_fields(components: list[Any], status: Any = None) -> list[tuple[Any, Callable[[dict], Any]]]:
+    """Restore every component from a pasted infotext (see :func:`pasted_values`); ``status`` (a Markdown)
+    shows what went wrong, if anything.
 
     The getters return ``gr.update`` objects: the WebUI otherwise converts a value to the type of the
     component's current value, and an empty gradio-4 textbox reports ``None`` there (Forge).
@@ -199,14 +229,20 @@ def infotext_fields(components: list[Any]) -> list[tuple[Any, Callable[[dict], A
 
     def getter(index: int) -> Callable[[dict], Any]:
         def get(params: dict) -> Any:
-            text = params.get(INFOTEXT_KEY)
-            if text is None:
-                return gr.update(value=False) if index == 0 else None
-            try:
-                return gr.update(value=MigcParams.from_infotext(text).ui_values()[index])
-            except Exception:
-                return None
+            value = pasted_values(params)[0][index]
+            return None if value is None else gr.update(value=value)
 
         return get
 
-    return [(component, getter(i)) for i, component in enumerate(components)]
+    fields = [(component, getter(i)) for i, component in enumerate(components)]
+    if status is None:
+        status = getattr(components, "paste_status", None)
+    if status is not None:
+        fields.append((status, lambda params: gr.update(value=pasted_values(params)[1])))
+    return fields
+
+
+class PanelComponents(list):
+    """The panel's input components (the Script's arguments) plus the Markdown that reports paste problems."""
+
+    paste_status: Any = None

@@ -1,7 +1,8 @@
 """Finding, hashing and caching MIGC weight files in the models folder.
 
 Loading the 219 MB official file takes a moment and its blocks live on the GPU, so the last loaded
-file stays cached (keyed by path, size, mtime, device and dtype) until another file is selected.
+file stays cached (keyed by path, size, mtime, device and dtype): at most one file's blocks are held,
+until another file is selected or :func:`unload` runs (the main model changed to one MIGC cannot use).
 """
 from __future__ import annotations
 
@@ -64,3 +65,21 @@ def load_cached(path: str, device: torch.device, dtype: torch.dtype) -> MigcWeig
         weights = load_migc_weights(path, device=device, dtype=dtype)
         _cached = (key, weights)
         return weights
+
+
+def unload() -> bool:
+    """Free the cached blocks; whether there were any."""
+    global _cached
+    with _lock:
+        had, _cached = _cached is not None, None
+    if had:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return had
+
+
+def loaded() -> bool:
+    return _cached is not None

@@ -47,3 +47,4 @@ class MigcScript(scripts.Script):
 script_callbacks.on_cfg_denoiser(job.on_cfg_denoiser)
 script_callbacks.on_cfg_denoised(job.on_cfg_denoised)
 script_callbacks.on_ui_settings(settings.register)
+script_callbacks.on_model_loaded(job.on_model_loaded)

@@ -65,7 +65,13 @@ def sampling_function_inner(patcher, x, timestep, uncond, cond, cond_scale):
         model, x, timestep, uncond, cond, cond_scale, options, seed = modifier(model, x, timestep, uncond, cond, cond_scale, options, seed)
     uncond_ = None if cond_scale == 1.0 else uncond
     cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, options)
-    result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    if "sampler_cfg_function" in options:  # another extension's CFG (e.g. Dynamic Thresholding)
+        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": timestep, "input": x,
+                "sigma": timestep, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred, "model": model,
+                "model_options": options}
+        result = x - options["sampler_cfg_function"](args)
+    else:
+        result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
     for fn in options.get("sampler_post_cfg_function", []):
         result = fn({"denoised": result, "cond": cond, "uncond": uncond_, "model": model, "uncond_denoised": uncond_pred,
                      "cond_denoised": cond_pred, "sigma": timestep, "model_options": options, "input": x})
@@ -154,6 +160,9 @@ class UnetPatcher:
 
     def add_conditioning_modifier(self, modifier, ensure_uniqueness=False):
         self.append_model_option("conditioning_modifiers", modifier, ensure_uniqueness)
+
+    def set_model_sampler_cfg_function(self, sampler_cfg_function, disable_cfg1_optimization=False):
+        self.model_options["sampler_cfg_function"] = sampler_cfg_function
 
     def set_model_sampler_post_cfg_function(self, post_cfg_function, disable_cfg1_optimization=False):
         self.model_options["sampler_post_cfg_function"] = self.model_options.get("sampler_post_cfg_function", []) + [post_cfg_function]

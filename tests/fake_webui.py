@@ -82,7 +82,8 @@ def install_fake_modules(models_dir: str) -> types.ModuleType:
     callbacks = types.ModuleType("modules.script_callbacks")
     callbacks.CFGDenoiserParams = CFGDenoiserParams
     callbacks.CFGDenoisedParams = CFGDenoisedParams
-    callbacks.registered = {"cfg_denoiser": [], "cfg_denoised": [], "ui_settings": []}
+    callbacks.registered = {"cfg_denoiser": [], "cfg_denoised": [], "ui_settings": [], "model_loaded": []}
+    callbacks.on_model_loaded = lambda fn, *, name=None: callbacks.registered["model_loaded"].append(fn)
     callbacks.on_cfg_denoiser = lambda fn, *, name=None: callbacks.registered["cfg_denoiser"].append(fn)
     callbacks.on_cfg_denoised = lambda fn, *, name=None: callbacks.registered["cfg_denoised"].append(fn)
     callbacks.on_ui_settings = lambda fn, *, name=None: callbacks.registered["ui_settings"].append(fn)
@@ -208,6 +209,13 @@ class FakeProcessing:
 
     def comment(self, text):
         self.comments[text] = 1
+
+    def close(self):
+        """StableDiffusionProcessing.close: the WebUI calls it after every job (``with closing(p)``), failed ones too."""
+        self.sampler = None
+        self.c = None
+        self.uc = None
+        self.closed = getattr(self, "closed", 0) + 1
 
 
 class FakeFamilyModel(FakeSDModel):

@@ -152,4 +152,4 @@ class Hooks(HooksBase):
             rest = plain(x[count:], context[count:])
             return torch.cat([cond_out.to(rest.dtype), rest])
 
-        return forward
+        return self.guarded(forward)

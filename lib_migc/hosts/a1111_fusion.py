@@ -7,7 +7,7 @@ k-diffusion schedules). B's outputs are stashed per call; the ``on_cfg_denoised`
 them into the denoiser's output rows in place, before A1111's own CFG combine.
 
 Model B is only a UNet: built from the loaded model's own ldm config, loaded strictly from B's file
-(``weights_only``), in A's dtype and device; A's text encoder and VAE serve both, as in the official
+(safetensors, or the allow-list unpickler), in A's dtype and device; A's text encoder and VAE serve both, as in the official
 fused run. ``--medvram``/``--lowvram`` stream A's UNet block by block; MagicFusion refuses them rather
 than stream a second UNet per step.
 """

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..multidiffusion_runtime import RegionRuntime
+from ..patching import ForwardPatches
 from .a1111 import RowCursor
 
 
@@ -58,6 +59,7 @@ class RegionHooks:
         self.rows = RowCursor()
         self.step = 0
         self._target: Any = None
+        self._patches = ForwardPatches()
 
     @property
     def installed(self) -> bool:
@@ -86,13 +88,13 @@ class RegionHooks:
             return hooks.runtime.denoise(call, x, sigma, contexts, vectors, [k[0] for k in kinds], [k[1] for k in kinds],
                                          hooks.step)
 
-        target.forward = forward
+        self._patches.install(target, forward)
         self._target = target
 
     def remove(self) -> None:
-        target, self._target = self._target, None
-        if target is not None:
-            target.__dict__.pop("forward", None)
+        """Put back exactly what was there (another extension's wrapper included)."""
+        self._target = None
+        self._patches.remove()
 
     def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
         self.step = step

@@ -1,7 +1,8 @@
 """What both hosts' hooks share: the job's lifetime checks, which layers to hook, the pending error."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
@@ -33,12 +34,29 @@ class HooksBase:
             names = sorted(layers, key=layer_sort_key)[:1]
         return names
 
+    def release(self) -> None:
+        """Take every hook of the job away and let the job go (its session and tensors with it)."""
+        self.remove()
+        if self.on_error is not None:
+            self.on_error()
+
     def raise_pending_error(self) -> None:
         """Stop the job with the error found before sampling, after taking every hook away."""
         error = self.session.pending_error
         if error is None:
             return
-        self.remove()
-        if self.on_error is not None:
-            self.on_error()
+        self.release()
         raise error
+
+    def guarded(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        """``hook`` that releases the job when it raises (an error, out of memory, an interrupt), so a
+        failed job leaves nothing installed or held until the next one."""
+        @functools.wraps(hook)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return hook(*args, **kwargs)
+            except BaseException:
+                self.release()
+                raise
+
+        return call

@@ -11,7 +11,9 @@ result before ``to_out``, while MIGC mixes outputs after ``to_out`` and needs th
   at this step;
 * ``attn2_replace`` on the hooked layers computes the attention of the uncond rows only, with Forge's
   own attention function (cond rows are left empty instead of computed and thrown away); at vanilla
-  steps it is exactly Forge's attention for every row;
+  steps it is exactly Forge's attention for every row. When another extension (IP-Adapter, another
+  regional extension) already replaced that layer's attention, its replacement is called instead, for
+  all rows with the options it expects; only the cond rows MIGC shades are then overwritten;
 * ``attn2_output_patch`` (after ``to_out``) puts the cond rows computed by the shared
   :meth:`MigcSession.shade` in place.
 
@@ -73,6 +75,13 @@ def _forge_attention() -> Callable:
         return sdpa
 
 
+def existing_attn2_replace(model_options: dict, key: tuple[str, int, int]) -> Callable | None:
+    """The attn2 replacement another extension registered for this transformer block, found the way
+    Forge's transformer block looks it up (``(block, number, index)`` first, then ``(block, number)``)."""
+    replaces = model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return replaces.get(key) or replaces.get(key[:2])
+
+
 class Hooks(HooksBase):
     """The patches of one sampling pass; ``remove`` makes them inert (Forge drops the clone itself)."""
 
@@ -93,10 +102,11 @@ class Hooks(HooksBase):
         names = self.layers_to_hook(all_layers)
         self.layers = {name: all_layers[name] for name in names}
         clone = patcher.clone()
-        before, replace, after = self._patches()
+        before, replace_for, after = self._patches()
         clone.set_model_attn2_patch(before)
         for name in names:
-            clone.set_model_attn2_replace(replace, *block_key(name))
+            key = block_key(name)
+            clone.set_model_attn2_replace(replace_for(existing_attn2_replace(clone.model_options, key)), *key)
         clone.set_model_attn2_output_patch(after)
         p.sd_model.forge_objects.unet = clone
         self._active = True
@@ -129,15 +139,22 @@ class Hooks(HooksBase):
                     stash[layer] = (n, context, mode)
             return n, context, value
 
-        def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-            heads = extra_options["n_heads"]
-            if layer_of(extra_options) not in stash:
-                return attention(q, k, v, heads)
-            out = q.new_zeros(q.shape)
-            uncond = extra_options.get("uncond_indices") or []
-            if uncond:
-                out[uncond] = attention(q[uncond], k[uncond], v[uncond], heads)
-            return out
+        def replace_for(previous: Callable | None) -> Callable:
+            """Our replacement of one layer, chaining ``previous`` (another extension's replacement of
+            that layer) for every row and step MIGC does not shade."""
+
+            def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+                if layer_of(extra_options) not in stash:
+                    return previous(q, k, v, extra_options) if previous is not None else attention(q, k, v, extra_options["n_heads"])
+                uncond = extra_options.get("uncond_indices") or []
+                if previous is not None:  # it sees the rows and options it expects; the cond rows are replaced after to_out
+                    return previous(q, k, v, extra_options)
+                out = q.new_zeros(q.shape)
+                if uncond:
+                    out[uncond] = attention(q[uncond], k[uncond], v[uncond], extra_options["n_heads"])
+                return out
+
+            return self.guarded(replace)
 
         def after(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
             layer = layer_of(extra_options)
@@ -154,4 +171,4 @@ class Hooks(HooksBase):
             n[cond] = shaded.to(n.dtype)
             return n
 
-        return before, replace, after
+        return self.guarded(before), replace_for, self.guarded(after)

@@ -3,12 +3,14 @@
 Forge computes A's cond and uncond denoised predictions with ``calc_cond_uncond_batch`` and then
 calls the post-CFG functions with them. Ours runs the *same* compiled conditions (A's text encoder,
 prompt B pasted in when given, no ControlNet) through B's UNet with that very function, blends per
-pixel and returns the guided result; a conditioning modifier records the CFG scale of the step
+pixel and returns ``denoised + (CFG(blend) − CFG(A))``: what the earlier post-CFG functions and
+another extension's ``sampler_cfg_function`` made of A's step is kept, and only the change of the blend is
+added (with nothing else installed that is exactly the guided blend); a conditioning modifier records the CFG scale of the step
 (Forge's hires CFG, NGMS and skip-early-CFG already applied). Both are registered on a clone of the
 job's UnetPatcher, like the attention patches, so nothing global changes; B's UNet is handed to Forge's
 memory manager with ``add_extra_torch_module_during_sampling`` and moves with A.
 
-B is Forge's own UNet class built from A's config and loaded strictly from B's file (``weights_only``).
+B is Forge's own UNet class built from A's config and loaded strictly from B's file (safetensors, or the allow-list unpickler).
 """
 from __future__ import annotations
 
@@ -76,6 +78,11 @@ class _ModelB(nn.Module):
         return self.predictor.calculate_denoised(sigma, out.to(x.device), x)
 
 
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain CFG of denoised predictions."""
+    return uncond + scale * (cond - uncond)
+
+
 def _for_b(conds: list[dict] | None, prompt_b: torch.Tensor | None) -> list[dict] | None:
     """A's compiled conditions for B: no ControlNet, and prompt B as the cross-attention context if given."""
     if conds is None:
@@ -140,8 +147,8 @@ class FusionHooks:
             sig = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(images)
             blend_rows(rows, torch.cat([b_cond, b_uncond]), torch.cat([x, x]), torch.cat([sig, sig]),
                        images, scale["s"], runtime.params, b_denoised=True)
-            cond, uncond = rows[:images], rows[images:]
-            return uncond + scale["s"] * (cond - uncond)
+            return denoised + (guided(rows[:images], rows[images:], scale["s"])
+                               - guided(args["cond_denoised"], uncond_pred, scale["s"]))
 
         patcher.add_conditioning_modifier(record_scale)
         patcher.set_model_sampler_post_cfg_function(post_cfg)
