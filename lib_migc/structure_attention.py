@@ -33,18 +33,21 @@ class Overlay:
     """One phrase's token states and where they go in the prompt's context: rows ``start .. start+len``."""
 
     start: int
-    rows: torch.Tensor  # (L, D)
+    rows: torch.Tensor  # (L, D): the same for every row of the context; (B, L, D): each row its own
 
     @property
     def end(self) -> int:
-        return self.start + self.rows.shape[0]
+        return self.start + self.rows.shape[-2]
 
 
 def overlays_from_spans(phrases: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]], chunk: int = 0) -> list[Overlay]:
-    """Overlays of phrases encoded alone ((77, D) or (1, 77, D)) for BPE spans ``(s, e)`` without BOS."""
+    """Overlays of phrases encoded alone for BPE spans ``(s, e)`` without BOS: a ``(77, D)`` encoding serves
+    every row of the context, a ``(B, 77, D)`` one gives each row (image) its own phrase encoding."""
     out = []
     for encoding, (start, end) in zip(phrases, spans):
-        rows = encoding.reshape(-1, encoding.shape[-1])[1:1 + end - start]
+        if encoding.dim() not in (2, 3):
+            raise ValueError(f"a phrase encoding must be (77, D) or (B, 77, D), got {tuple(encoding.shape)}")
+        rows = encoding[..., 1:1 + end - start, :]
         out.append(Overlay(CHUNK_TOKENS * chunk + 1 + start, rows))
     return out
 
@@ -57,7 +60,8 @@ def mean_value_context(full: torch.Tensor, overlays: Sequence[Overlay]) -> torch
     """``Ē = mean(E, A_1 .. A_N)``: ``E`` plus 1/(N+1) of each phrase's difference on its span.
 
     Built in at least float32 (the differences are small) and returned in ``full``'s dtype. Overlays that do not
-    fit the context (a different chunk count) are left out.
+    fit the context (a different chunk count) are left out, and N counts only the overlays used, so Ē is
+    the mean of the value sets that are actually there.
     """
     fitting = [o for o in overlays if _fits(o, full)]
     if not fitting:
@@ -65,7 +69,7 @@ def mean_value_context(full: torch.Tensor, overlays: Sequence[Overlay]) -> torch
     work = torch.promote_types(full.dtype, torch.float32)
     base = full.to(work)
     mean = base.clone()
-    share = 1.0 / (len(overlays) + 1)
+    share = 1.0 / (len(fitting) + 1)
     for o in fitting:
         mean[:, o.start:o.end] += share * (o.rows.to(device=full.device, dtype=work) - base[:, o.start:o.end])
     return mean.to(full.dtype)
@@ -146,7 +150,10 @@ def structure_attention(
     heads: int,
     conjunction: bool = False,
 ) -> torch.Tensor:
-    """The spec's test seam: one structured attn2 call on cond rows (single 77-token chunk)."""
+    """The spec's test seam: one structured attn2 call on cond rows (single 77-token chunk).
+
+    ``phrases``: each phrase encoded alone, ``(B, 77, D)`` (row b is image b's encoding) or ``(77, D)`` (the
+    same for every row)."""
     attn = _Projections(weights, heads).to(device=x_cond.device, dtype=x_cond.dtype)
-    overlays = overlays_from_spans([p[0] for p in phrases], spans)
+    overlays = overlays_from_spans(list(phrases), spans)
     return structured_forward(attn, x_cond, full, overlays, "conjunction" if conjunction else "default")

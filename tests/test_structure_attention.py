@@ -85,9 +85,23 @@ def test_nested_overlapping_spans_match_the_literal_method(conjunction):
     x = torch.randn(b, 16, c, dtype=torch.float64)
     w64 = {k: v.double() for k, v in w.items()}
     out = structure_attention(x, full, phrases, spans, w64, heads, conjunction=conjunction)
-    # the seam takes the first batch row's phrase encoding (same phrase for every image)
-    ref = _literal(x, full, [p[:1].expand_as(p) for p in phrases], spans, w64, heads, conjunction)
+    # each row (image) with its own phrase encodings, as the hooks hand them over
+    ref = _literal(x, full, phrases, spans, w64, heads, conjunction)
     assert torch.allclose(out, ref, rtol=1e-10, atol=1e-10)
+    # (77, D) phrases, as the docstring allows: the same encoding for every row
+    shared = structure_attention(x, full, [p[0] for p in phrases], spans, w64, heads, conjunction=conjunction)
+    ref_shared = _literal(x, full, [p[:1].expand_as(p) for p in phrases], spans, w64, heads, conjunction)
+    assert torch.allclose(shared, ref_shared, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(shared, out, rtol=1e-6, atol=1e-6), "row 1's own phrases matter"
+
+
+def test_the_mean_value_divides_by_the_overlays_it_uses():
+    full = torch.randn(1, 77, 8, dtype=torch.float64)
+    used = Overlay(2, torch.randn(3, 8, dtype=torch.float64))
+    beyond = Overlay(77 + 1, torch.randn(3, 8, dtype=torch.float64))  # a second chunk this context does not have
+    mean = mean_value_context(full, [used, beyond])
+    expected = (full[0, 2:5] + used.rows) / 2  # mean(E, A_used): two value sets, not three
+    assert torch.allclose(mean[0, 2:5], expected, atol=1e-12)
 
 
 def test_value_context_is_e_outside_spans_and_a_blend_inside():

@@ -80,3 +80,70 @@ def generate(webui, request: dict) -> dict:
 @pytest.fixture(scope="session")
 def webui():
     return WebUI(URL)
+
+
+def find_model_b(webui) -> str | None:
+    """The title of MagicFusion's model B: MIGC_MODEL_B, else the first checkpoint other than the loaded one."""
+    webui.request("/sdapi/v1/refresh-checkpoints", {})
+    _, models = webui.request("/sdapi/v1/sd-models")
+    _, options = webui.request("/sdapi/v1/options")
+    loaded = options.get("sd_model_checkpoint", "")
+    titles = [m["title"] for m in models]
+    wanted = os.environ.get("MIGC_MODEL_B")
+    if wanted:
+        match = [t for t in titles if wanted in t]
+        assert match, f"MIGC_MODEL_B={wanted!r} is not in the checkpoint list {titles}"
+        return match[0]
+    others = [t for t in titles if t != loaded and t.split(" [")[0] not in loaded]
+    return others[0] if others else None
+
+
+def alwayson_script(webui, name_part: str, txt2img: bool = True) -> dict | None:
+    """The script-info entry of an always-on script whose name contains ``name_part`` (case-insensitive)."""
+    _, info = webui.request("/sdapi/v1/script-info")
+    for script in info:
+        if name_part.lower() in script["name"].lower() and script["is_img2img"] != txt2img and script["is_alwayson"]:
+            return script
+    return None
+
+
+def enabled_args(script: dict, **overrides) -> list:
+    """A script's argument defaults with its first argument (its on/off switch) turned on."""
+    values = [arg.get("value") for arg in script["args"]]
+    values[0] = True
+    for index, value in overrides.items():
+        values[int(index.lstrip("a"))] = value
+    return values
+
+
+def server_rss_bytes(url: str) -> int | None:
+    """Resident memory of the local process listening on ``url``'s port (Linux /proc), or None."""
+    import re
+
+    port = int(re.search(r":(\d+)", url.split("//", 1)[-1]).group(1))
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    parts = line.split()
+                    if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "0A":
+                        inodes.add(parts[9])
+        except OSError:
+            continue
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            return int(line.split()[1]) * 1024
+    return None
