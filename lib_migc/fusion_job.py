@@ -1,4 +1,5 @@
-"""MagicFusion's part of a WebUI job: decline or describe it, load model B, install the ride-along.
+"""MagicFusion's part of a WebUI job: decline or describe it, load model B, install the ride-along, and
+free model B whenever a job does not need it.
 
 Kept apart from :mod:`lib_migc.job` so the mode is one module: ``job`` calls these at the same points
 as its own steps (process, before each sampling pass, the CFG callbacks, cleanup). Failures become
@@ -48,7 +49,8 @@ def model_b_hash(p: Any, host: Any, title: str) -> str | None:
 
 
 def free_model_b() -> None:
-    """A job without MagicFusion frees model B's UNet (about 1.7 GB in fp16)."""
+    """Free model B's UNet (about 1.7 GB in fp16). :mod:`lib_migc.job` calls it for every job that does not
+    run MagicFusion — the panel off included — and when the main model changes."""
     MODEL_B.clear()
 
 

@@ -22,7 +22,10 @@ from .magicfusion_params import FusionParams, fused_at_timestep
 
 class ModelBCache:
     """The one model B kept between jobs (its UNet is ~1.7 GB in fp16), keyed by file, main model,
-    device and dtype; :meth:`clear` frees it when MagicFusion is off or the main model changed."""
+    device and dtype, so consecutive MagicFusion jobs load it once. :meth:`clear` frees it: the job
+    lifecycle calls it for every job that does not run MagicFusion (the MIGC panel off, MagicFusion off
+    or declined for the model, an unreadable request) and when the main model changes
+    (``on_model_loaded``), so B never stays on the GPU behind a plain job."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

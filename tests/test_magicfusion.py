@@ -76,6 +76,46 @@ def test_reference_case_window(reference):
     assert in_fusion_window(step, case["ddim_steps"], params.window) == (meta["fused"] == "True")
 
 
+def _hook_params(case):
+    from lib_migc.magicfusion_params import FusionParams
+
+    return FusionParams(enabled=True, model_b="b", k_a=case["k_a"], k_b=case["k_b"])
+
+
+def test_reference_case_through_the_hooks_row_blend_eps(reference):
+    """``blend_rows`` (what A1111's on_cfg_denoised and Forge's post-CFG function call) on a timestep
+    sampler's ε rows, then the WebUI's own CFG combine: the official blended ε."""
+    from lib_migc.magicfusion_runtime import blend_rows
+
+    inputs, stored, _, case = reference
+    rows = torch.cat([inputs["eps_a_cond"], inputs["eps_a_uncond"]]).clone()
+    out_b = torch.cat([inputs["eps_b_cond"], inputs["eps_b_uncond"]])
+    mask = blend_rows(rows, out_b, torch.cat([inputs["x_t"]] * 2), None, 1, case["guidance"], _hook_params(case))
+    assert torch.equal(mask, stored["mask_b"].bool())
+    guided = rows[1:] + case["guidance"] * (rows[:1] - rows[1:])
+    assert rel_err(guided, stored["eps_blend"]) <= 1e-5
+
+
+def test_reference_case_through_the_hooks_row_blend_kdiffusion(reference):
+    """The same on k-diffusion rows (denoised predictions, per-row σ), A1111's and Forge's case."""
+    from lib_migc.magicfusion_runtime import blend_rows
+
+    inputs, stored, meta, case = reference
+    sigma = float(meta["kdiff_sigma"])
+    x = inputs["x_t"] / math.sqrt(float(meta["ddim_alpha_t"]))
+    denoised = {n: x - sigma * inputs[n] for n in EPS_NAMES}
+    rows = torch.cat([denoised["eps_a_cond"], denoised["eps_a_uncond"]]).clone()
+    for b_denoised in (False, True):  # A1111 hands B's raw ε, Forge B's denoised rows
+        out_b = (torch.cat([denoised["eps_b_cond"], denoised["eps_b_uncond"]]) if b_denoised
+                 else torch.cat([inputs["eps_b_cond"], inputs["eps_b_uncond"]]))
+        work = rows.clone()
+        mask = blend_rows(work, out_b, torch.cat([x, x]), torch.full((2,), sigma), 1, case["guidance"], _hook_params(case),
+                          b_denoised=b_denoised)
+        assert torch.equal(mask, stored["mask_b"].bool())
+        guided = work[1:] + case["guidance"] * (work[:1] - work[1:])
+        assert rel_err(guided, stored["kdiff_denoised"]) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------ slow reference
 def slow_mask(a_c, a_u, b_c, s, k_a, k_b):
     """SNB's mask from the spec's words with explicit loops, in float64 Python floats: the 4×4 box mean

@@ -134,3 +134,42 @@ def test_fuse_gives_zero_where_nothing_covers_and_keeps_half_precision():
     torch.testing.assert_close(out[:, 0].float(), ((preds[0, :, 0].float() + preds[1, :, 0].float()) / 2), rtol=1e-3, atol=1e-3)
     rows = torch.randn((3, 2, 4, 3, 3))
     torch.testing.assert_close(md.fuse_rows(rows, masks + 0.5), torch.stack([md.fuse(r, masks + 0.5) for r in rows]))
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 2])
+def test_the_runtime_the_hooks_call_reproduces_the_official_trajectory(case, chunk_rows, monkeypatch):
+    """RegionRuntime.denoise (what the A1111 and Forge denoiser wrappers call) inside the WebUI's sampler
+    loop: k-diffusion Euler on the DDIM sigma grid, CFG of the fused cond and uncond rows, the official
+    background draws. It must land where the official code lands."""
+    from lib_migc.multidiffusion_runtime import Bootstrap, RegionPrompts, RegionRuntime
+
+    d, model = case["data"], case["model"]
+    dtype = torch.float64
+    masks = case["ref"]["in_masks"].to(dtype)
+    cond, uncond = d["cond"].to(dtype), d["uncond"].to(dtype)
+    draws = d["bg_index"][:, 0]
+    monkeypatch.setattr(Bootstrap, "backgrounds", lambda self, image, step, regions: d["bg_values"].to(dtype)[draws[step]])
+    x_T = d["x_T"].to(dtype)
+    ac = d["alphas_cumprod"].to(dtype)
+    timesteps = [int(t) for t in d["timesteps"]]
+    sigma_of = lambda a: ((1 - a) / a).sqrt()  # noqa: E731
+    runtime = RegionRuntime(masks, RegionPrompts(cond=cond[1:], uncond=uncond[1:]),
+                            Bootstrap(colours=d["bg_values"].to(dtype), noise0=x_T, seeds=[0], steps=20), space="k",
+                            chunk_rows=chunk_rows)
+
+    def denoiser(xs, sigmas, contexts, vectors, source):  # A1111's CompVisDenoiser around the toy eps model
+        t = torch.tensor([timesteps[step_of[float(s)]] for s in sigmas])
+        c_in = 1 / (sigmas ** 2 + 1).sqrt()
+        return xs - sigmas.view(-1, 1, 1, 1) * model(xs * c_in.view(-1, 1, 1, 1), t, contexts)
+
+    step_of = {float(sigma_of(ac[t])): s for s, t in enumerate(timesteps)}
+    x = x_T / ac[timesteps[0]].sqrt()
+    for s, t in enumerate(timesteps):
+        prev = timesteps[s + 1] if s + 1 < len(timesteps) else 0
+        sigma, sigma_next = sigma_of(ac[t]), sigma_of(ac[prev])
+        rows = runtime.denoise(denoiser, torch.cat([x, x]), torch.stack([sigma, sigma]), torch.stack([cond[0], uncond[0]]),
+                               None, [True, False], [0, 0], s)
+        denoised = rows[1] + float(d["guidance"]) * (rows[0] - rows[1])
+        x = x + (sigma_next - sigma) * (x - denoised[None]) / sigma
+    out = x * ac[0].sqrt()
+    assert _rel(out, case["ref"]["out_final_latent"]) <= 1e-6
