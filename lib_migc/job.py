@@ -12,7 +12,8 @@ What a job holds is released as soon as it cannot be needed: hooks after each ba
 session and tensors) after the job, when ``p.close()`` runs (the WebUI closes every job, failed ones
 included) and when any of our hooks raises; and again at the start of the next job. Model B is freed by
 every job that does not use MagicFusion, the panel off included, and when the main model changes; the
-MIGC weights when the main model changes to one MIGC cannot use (unless the user keeps them).
+MIGC weights by every job that does not use them and when the main model changes to one MIGC cannot use,
+unless the user keeps them loaded (setting ``migc_keep_weights``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import fusion_job, multidiffusion_job, settings, weights_store
+from . import fusion_job, host_memory, multidiffusion_job, settings, weights_store
 from .draw import draw_layout
 from .errors import MigcError
 from .layout import MAX_MIGC_INSTANCES, fit_masks
@@ -70,6 +71,8 @@ def _finish() -> None:
     global _active
     if _active is not None:
         _remove_hooks(_active)
+        _active = None
+        host_memory.trim()
     _active = None
 
 
@@ -187,22 +190,21 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
     global _active
     _finish()
     if not _asks_for_anything(args):
-        fusion_job.free_model_b()
+        _free_unused(None)
         return
     try:
         params = MigcParams.from_ui(*args)
     except Exception as exc:  # noqa: BLE001 - the WebUI would swallow it and answer 200 without MIGC
-        fusion_job.free_model_b()
+        _free_unused(None)
         _fail_job(p, host, argument_error(exc))
         return
     try:
         effective = _effective(p, params, host)
     except Exception as exc:  # noqa: BLE001
-        fusion_job.free_model_b()
+        _free_unused(None)
         _fail_job(p, host, unexpected_error("MIGC could not start", exc))
         return
-    if effective is None or not effective.magicfusion.enabled:
-        fusion_job.free_model_b()
+    _free_unused(effective)
     if effective is None:
         return
     params = effective
@@ -230,6 +232,16 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
             prompts = getattr(p, name, None)
             if prompts:
                 setattr(p, name, [with_descriptions_appended(text, descriptions) for text in prompts])
+
+
+def _free_unused(params: MigcParams | None) -> None:
+    """What this job will not use goes: model B always, the MIGC weights unless the user keeps them
+    loaded between jobs (setting ``migc_keep_weights``); the next job that needs them loads them again."""
+    if params is None or not params.magicfusion.enabled:
+        fusion_job.free_model_b()
+    uses_weights = params is not None and params.enabled and params.mode == MODE_MIGC
+    if not uses_weights and not settings.option("migc_keep_weights"):
+        weights_store.unload()
 
 
 def argument_error(exc: Exception) -> MigcError:

@@ -8,7 +8,6 @@ blending, previews, other extensions) keeps working.
 """
 from __future__ import annotations
 
-import gc
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -16,6 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from . import host_memory
 from .magicfusion import select_by_mask, snb_mask
 from .magicfusion_params import FusionParams, fused_at_timestep
 
@@ -52,9 +52,7 @@ class ModelBCache:
         had = self._value is not None
         self._key, self._value = None, None
         if had:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            host_memory.release()
 
 
 MODEL_B = ModelBCache()

@@ -58,7 +58,7 @@ def register() -> None:
         "migc_default_hires": info(DEFAULTS["migc_default_hires"], "Run MIGC in the hires-fix pass by default", section=section),
         "migc_md_max_rows": info(DEFAULTS["migc_md_max_rows"], "MultiDiffusion: most UNet rows per call (0 = from free GPU memory; lower it if you run out of memory)",
                                  gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}, section=section),
-        "migc_keep_weights": info(DEFAULTS["migc_keep_weights"], "Keep the MIGC weights loaded when switching to a model MIGC cannot use (SD2.x, SDXL, ...); off frees them at once",
+        "migc_keep_weights": info(DEFAULTS["migc_keep_weights"], "Keep the MIGC weights loaded between jobs (off: a job that does not use them, or a switch to a model MIGC cannot use, frees them; the next MIGC job reloads them in about a second)",
                                   section=section),
     }
     for name, item in items.items():

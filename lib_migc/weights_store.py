@@ -12,6 +12,7 @@ import threading
 
 import torch
 
+from . import host_memory
 from .checkpoint import MigcWeights, load_migc_weights
 from .errors import CheckpointError
 from .weight_files import list_weight_files
@@ -73,11 +74,7 @@ def unload() -> bool:
     with _lock:
         had, _cached = _cached is not None, None
     if had:
-        import gc
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        host_memory.release()
     return had
 
 

@@ -190,3 +190,24 @@ def test_an_unexpected_failure_while_starting_is_reported_as_500(webui_modules, 
     with pytest.raises(MigcError) as info:
         cfg_step(p)
     assert info.value.status_code == 500 and "KeyError" in str(info.value)
+
+
+def test_the_migc_weights_go_with_a_job_that_does_not_use_them_unless_kept(webui_modules, unet, text_model):
+    p = a1111_p(unet, text_model)
+    start_job(p, migc_args())
+    cfg_step(p)
+    finish_job(p)
+    assert weights_store.loaded(), "cached for the next MIGC job"
+    start_job(a1111_p(unet, text_model), migc_args())
+    assert weights_store.loaded()
+    start_job(a1111_p(unet, text_model), migc_args(mode="naive"))
+    assert not weights_store.loaded(), "a naive job needs no weights"
+    import modules.shared
+
+    modules.shared.opts.migc_keep_weights = True
+    p = a1111_p(unet, text_model)
+    start_job(p, migc_args())
+    cfg_step(p)
+    start_job(a1111_p(unet, text_model), (False,))
+    assert weights_store.loaded(), "the setting keeps them"
+    weights_store.unload()

@@ -76,6 +76,8 @@ def test_forty_jobs_leave_memory_and_the_plain_image_as_they_were(webui):
         log.append((kind, status))
     assert {kind for kind, _ in log} >= set(order) | {"plain"}, log
     growth = [m - memory[0] for m in memory]
-    assert max(growth) <= ALLOWED_GROWTH, [f"{g / 2**20:.0f} MB" for g in growth]
+    after = [kind for kind, _ in log[1::2]]  # the job before each later plain job
+    report = ", ".join(f"{g / 2**20:.0f} MB after {k}" for g, k in zip(growth[1:], after))
+    assert max(growth) <= ALLOWED_GROWTH, report
     assert (plain_images[-1] == plain_images[0]).all()
     print("RSS after each plain job (MB):", [round(m / 2**20) for m in memory])
