@@ -31,6 +31,13 @@ class ModelBCache:
         self._lock = threading.Lock()
         self._key: tuple | None = None
         self._value: Any = None
+        self._on_drop: list[Callable[[Any], None]] = []
+
+    def on_drop(self, forget: Callable[[Any], None]) -> None:
+        """``forget(model)`` runs before the cache lets go of a model: a host whose memory manager also
+        holds it (Forge) drops its own reference there, or the model would outlive the cache."""
+        if forget not in self._on_drop:
+            self._on_drop.append(forget)
 
     def get(self, key: tuple, build: Callable[[], Any]) -> Any:
         with self._lock:
@@ -49,9 +56,11 @@ class ModelBCache:
             self._drop()
 
     def _drop(self) -> None:
-        had = self._value is not None
-        self._key, self._value = None, None
-        if had:
+        value, self._key, self._value = self._value, None, None
+        if value is not None:
+            for forget in self._on_drop:
+                forget(value)
+            del value
             host_memory.release()
 
 

@@ -130,8 +130,11 @@ def backend_modules():
     sampling.__path__ = []
     sampling_function = types.ModuleType("backend.sampling.sampling_function")
     sampling_function.calc_cond_uncond_batch = calc_cond_uncond_batch
+    memory_management = types.ModuleType("backend.memory_management")
+    memory_management.current_loaded_models = []  # LoadedModel entries: .model is a ModelPatcher, .model.model the module
+    backend.memory_management = memory_management
     modules = {"backend": backend, "backend.attention": attention, "backend.sampling": sampling,
-               "backend.sampling.sampling_function": sampling_function}
+               "backend.sampling.sampling_function": sampling_function, "backend.memory_management": memory_management}
     sys.modules.update(modules)
     try:
         yield
@@ -170,7 +173,14 @@ class UnetPatcher:
             self.model_options["disable_cfg1_optimization"] = True
 
     def add_extra_torch_module_during_sampling(self, m, cast_to_unet_dtype=True):
+        """Forge wraps ``m`` in a ModelPatcher, and its memory manager keeps a LoadedModel of it in
+        ``current_loaded_models`` from the first sampling on (here: at once) until it needs the memory."""
         self.extra_torch_modules_during_sampling.append(m)
+        patcher = types.SimpleNamespace(model=m)
+        memory_management = sys.modules.get("backend.memory_management")
+        if memory_management is not None:
+            memory_management.current_loaded_models.append(types.SimpleNamespace(model=patcher))
+        return patcher
 
     def set_model_patch(self, patch, name):
         to = self.model_options["transformer_options"]

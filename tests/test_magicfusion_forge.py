@@ -71,3 +71,27 @@ def test_forge_cfg1_and_outside_the_window_leave_a_alone(webui_modules, tmp_path
             finish_job(p)
             assert torch.equal(out, plain[scale])
     MODEL_B.clear()
+
+
+def test_a_job_without_magicfusion_frees_model_b_from_forges_memory_manager_too(webui_modules, tmp_path, text_model):
+    import gc
+    import sys
+    import weakref
+
+    unet_a, unet_b = build_unet(seed=0), build_unet(seed=7)
+    unet_a.config = dict(TINY)
+    save_checkpoint(unet_b, tmp_path / "tiny-b.safetensors")
+    info = fake_webui.register_checkpoint(str(tmp_path / "tiny-b.safetensors"), sha256="f0f0f0f0f0f0")
+    with fake_forge.backend_modules():
+        p = fake_webui.FakeProcessing(fake_forge.ForgeSDModel(unet_a, text_model), prompts=["a lion"])
+        start_job(p, fusion_args(info.title), forge)
+        finish_job(p)
+        loaded = sys.modules["backend.memory_management"].current_loaded_models
+        held = weakref.ref(MODEL_B._value)
+        assert [entry.model.model for entry in loaded] == [held()]
+        del p
+        plain = fake_webui.FakeProcessing(fake_forge.ForgeSDModel(unet_a, text_model), prompts=["a lion"])
+        start_job(plain, (False,), forge)
+        finish_job(plain)
+        gc.collect()
+        assert loaded == [] and held() is None

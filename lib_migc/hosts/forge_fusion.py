@@ -31,6 +31,23 @@ def _patcher(p: Any) -> Any:
     return p.sd_model.forge_objects.unet
 
 
+def forget_in_forge_memory(module: nn.Module) -> None:
+    """Drop Forge's own references to ``module``: ``add_extra_torch_module_during_sampling`` wraps it in a
+    ModelPatcher that Forge's memory manager keeps in ``current_loaded_models`` until it needs the memory
+    (on a CPU host: never), so without this every model B ever loaded would stay resident."""
+    try:
+        from backend import memory_management
+    except ImportError:
+        return
+    loaded = memory_management.current_loaded_models
+    for index in range(len(loaded) - 1, -1, -1):
+        if getattr(getattr(loaded[index], "model", None), "model", None) is module:
+            loaded.pop(index)
+
+
+MODEL_B.on_drop(forget_in_forge_memory)
+
+
 def load_model_b(p: Any, title: str) -> tuple[nn.Module, str, str | None]:
     """(B's UNet, title, short hash): Forge's UNet class from A's config, weights loaded strictly; cached."""
     info = _checkpoint(title)
