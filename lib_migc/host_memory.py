@@ -16,7 +16,8 @@ import torch
 _libc = None
 
 
-def _malloc_trim() -> None:
+def trim() -> None:
+    """Hand the C heap's free pages back (cheap): after a job, whose activations fragment the heap."""
     global _libc
     if _libc is None:
         name = ctypes.util.find_library("c")
@@ -24,14 +25,9 @@ def _malloc_trim() -> None:
             _libc = ctypes.CDLL(name) if name else False
         except OSError:
             _libc = False
-    trim = getattr(_libc, "malloc_trim", None) if _libc else None
-    if trim is not None:
-        trim(0)
-
-
-def trim() -> None:
-    """Hand the C heap's free pages back (cheap): after a job, whose activations fragment the heap."""
-    _malloc_trim()
+    malloc_trim = getattr(_libc, "malloc_trim", None) if _libc else None
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def release() -> None:
@@ -39,4 +35,4 @@ def release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    _malloc_trim()
+    trim()

@@ -73,7 +73,6 @@ def _finish() -> None:
         _remove_hooks(_active)
         _active = None
         host_memory.trim()
-    _active = None
 
 
 def before_process(p: Any) -> None:

@@ -7,6 +7,7 @@ Python only ever reads one format, and the textbox is still there if the script 
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -206,16 +207,22 @@ def pasted_values(params: dict) -> tuple[list[Any], str]:
     and MagicFusion are all turned off and the mode goes back to its default; a MIGC entry that cannot be
     read changes nothing and says why.
     """
-    text = params.get(INFOTEXT_KEY)
+    values, message = _pasted(params.get(INFOTEXT_KEY))
+    return list(values), message
+
+
+@functools.lru_cache(maxsize=1)
+def _pasted(text: str | None) -> tuple[tuple[Any, ...], str]:
+    """One parse (and one log line) per pasted entry: every component's getter asks for the same text."""
     if text is None:
         defaults = MigcParams().ui_values()
-        return [defaults[i] if name in SWITCH_FIELDS else None for i, name in enumerate(UI_FIELDS)], ""
+        return tuple(defaults[i] if name in SWITCH_FIELDS else None for i, name in enumerate(UI_FIELDS)), ""
     try:
-        return MigcParams.from_infotext(text).ui_values(), ""
+        return tuple(MigcParams.from_infotext(text).ui_values()), ""
     except Exception as exc:  # noqa: BLE001 - any malformed entry is reported the same way
         log.warning("MIGC: the pasted infotext's MIGC entry could not be read: %s", exc)
-        return [None] * len(UI_FIELDS), (f"⚠ The pasted infotext's MIGC entry could not be read, so the MIGC panel was "
-                                         f"left as it was: {exc}")
+        return (None,) * len(UI_FIELDS), (f"⚠ The pasted infotext's MIGC entry could not be read, so the MIGC panel was "
+                                          f"left as it was: {exc}")
 
 
 def infotext_fields(components: list[Any], status: Any = None) -> list[tuple[Any, Callable[[dict], Any]]]:
