@@ -143,15 +143,25 @@ def backend_modules():
             del sys.modules[name]
 
 
+def sampling_prepare(unet):
+    """backend.sampling.sampling_function.sampling_prepare: ``load_models_gpu([unet] + extras)``. Forge's
+    memory manager keeps a LoadedModel of each patcher (the sampled clone included) at the front of
+    ``current_loaded_models`` until it needs the memory (on a CPU host: never)."""
+    loaded = sys.modules["backend.memory_management"].current_loaded_models
+    for patcher in [unet] + unet.extra_model_patchers_during_sampling:
+        known = [i for i, entry in enumerate(loaded) if entry.model is patcher]  # LoadedModel.__eq__ compares .model
+        loaded.insert(0, loaded.pop(known[0]) if known else types.SimpleNamespace(model=patcher))
+
+
 class UnetPatcher:
     def __init__(self, model, model_options=None):
         self.model = model
         self.model_options = model_options or {"transformer_options": {}}
-        self.extra_torch_modules_during_sampling = []
+        self.extra_model_patchers_during_sampling = []
 
     def clone(self):
         clone = UnetPatcher(self.model, copy.deepcopy(self.model_options))
-        clone.extra_torch_modules_during_sampling = list(self.extra_torch_modules_during_sampling)
+        clone.extra_model_patchers_during_sampling = self.extra_model_patchers_during_sampling.copy()
         return clone
 
     def append_model_option(self, k, v, ensure_uniqueness=False):
@@ -173,13 +183,9 @@ class UnetPatcher:
             self.model_options["disable_cfg1_optimization"] = True
 
     def add_extra_torch_module_during_sampling(self, m, cast_to_unet_dtype=True):
-        """Forge wraps ``m`` in a ModelPatcher, and its memory manager keeps a LoadedModel of it in
-        ``current_loaded_models`` from the first sampling on (here: at once) until it needs the memory."""
-        self.extra_torch_modules_during_sampling.append(m)
+        """Forge wraps ``m`` in a ModelPatcher that ``sampling_prepare`` loads beside the UNet."""
         patcher = types.SimpleNamespace(model=m)
-        memory_management = sys.modules.get("backend.memory_management")
-        if memory_management is not None:
-            memory_management.current_loaded_models.append(types.SimpleNamespace(model=patcher))
+        self.extra_model_patchers_during_sampling.append(patcher)
         return patcher
 
     def set_model_patch(self, patch, name):

@@ -211,3 +211,35 @@ def test_the_migc_weights_go_with_a_job_that_does_not_use_them_unless_kept(webui
     start_job(a1111_p(unet, text_model), (False,))
     assert weights_store.loaded(), "the setting keeps them"
     weights_store.unload()
+
+
+# ------------------------------------------------------------------ Forge keeps the clones it sampled
+@pytest.mark.parametrize("data", [{}, {"mode": "naive", "migc_steps": 0.0, "naive_steps": 1.0},
+                                  {"mode": "multidiffusion", "md_bootstrap": 0.0}], ids=["migc", "naive", "multidiffusion"])
+def test_forges_kept_clones_hold_nothing_of_a_finished_job(webui_modules, unet, text_model, data):
+    """Forge's memory manager keeps the UnetPatcher clone it sampled (and so our patches) in
+    ``current_loaded_models`` after the job; on a CPU host it never lets it go. What the job held (its
+    session, the MIGC weights, the region runtime) must still be freed by the next job."""
+    import sys
+
+    with fake_forge.backend_modules():
+        p = fake_forge_p(unet, text_model)
+        start_job(p, migc_args(**data), forge)
+        fake_forge.sampling_prepare(p.sd_model.forge_objects.unet)
+        active = job.active_job()
+        held = [weakref.ref(active.session)] + ([weakref.ref(active.regions.runtime)] if active.regions else [])
+        del active
+        finish_job(p)
+        sampled = p.sd_model.forge_objects.unet
+        loaded = sys.modules["backend.memory_management"].current_loaded_models
+        del p
+        start_job(fake_forge_p(unet, text_model), (False,), forge)
+        gc.collect()
+        assert any(entry.model is sampled for entry in loaded), "Forge still holds the sampled clone"
+        assert [ref() for ref in held] == [None] * len(held)
+
+
+def fake_forge_p(unet, text_model):
+    p = fake_webui.FakeProcessing(fake_forge.ForgeSDModel(unet, text_model), seeds=[100], prompts=["a room"])
+    p.steps = 4
+    return p

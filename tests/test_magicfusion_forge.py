@@ -31,7 +31,8 @@ def test_forge_post_cfg_blend_matches_the_method(webui_modules, tmp_path, text_m
         p = fake_webui.FakeProcessing(model, seeds=[1, 2], prompts=["a lion with a crown"] * 2)
         start_job(p, fusion_args(info.title), forge)
         patcher = p.sd_model.forge_objects.unet
-        assert patcher.extra_torch_modules_during_sampling == [MODEL_B._value], "B is handed to Forge's memory manager"
+        assert [m.model for m in patcher.extra_model_patchers_during_sampling] == [MODEL_B._value], \
+            "B is handed to Forge's memory manager"
         g = torch.Generator().manual_seed(1)
         x = torch.randn((2, 4, 32, 32), generator=g) * 3
         sigma = torch.full((2,), 2.0)
@@ -85,13 +86,14 @@ def test_a_job_without_magicfusion_frees_model_b_from_forges_memory_manager_too(
     with fake_forge.backend_modules():
         p = fake_webui.FakeProcessing(fake_forge.ForgeSDModel(unet_a, text_model), prompts=["a lion"])
         start_job(p, fusion_args(info.title), forge)
+        fake_forge.sampling_prepare(p.sd_model.forge_objects.unet)
         finish_job(p)
         loaded = sys.modules["backend.memory_management"].current_loaded_models
         held = weakref.ref(MODEL_B._value)
-        assert [entry.model.model for entry in loaded] == [held()]
+        assert held() in [entry.model.model for entry in loaded]
         del p
         plain = fake_webui.FakeProcessing(fake_forge.ForgeSDModel(unet_a, text_model), prompts=["a lion"])
         start_job(plain, (False,), forge)
         finish_job(plain)
         gc.collect()
-        assert loaded == [] and held() is None
+        assert held() not in [entry.model.model for entry in loaded] and held() is None

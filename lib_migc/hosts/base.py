@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Mapping
 
 import torch.nn as nn
@@ -60,3 +61,30 @@ class HooksBase:
                 raise
 
         return call
+
+
+def weak_patch(owner: Any, method: Callable[..., Any], inert: Callable[..., Any]) -> Callable[..., Any]:
+    """A patch function for a host object that outlives the job: it calls ``method(owner, ...)`` through a
+    weak reference, and ``inert(...)`` once the owner is gone or removed.
+
+    Why: Forge keeps the UnetPatcher clones it sampled (``current_loaded_models``, emptied only when it
+    needs memory, on a CPU host never), and a clone keeps its patch functions. A patch that held its
+    hooks strongly would keep the job's session, the MIGC weights and model B alive after the job.
+    ``owner`` offers ``live()`` (installed and its job still current); its ``release``, if any, runs when
+    the method raises, so a failed job leaves nothing held.
+    """
+    ref = weakref.ref(owner)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        hooks = ref()
+        if hooks is None or not hooks.live():
+            return inert(*args, **kwargs)
+        try:
+            return method(hooks, *args, **kwargs)
+        except BaseException:
+            release = getattr(hooks, "release", None)
+            if release is not None:
+                release()
+            raise
+
+    return call

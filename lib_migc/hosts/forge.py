@@ -18,8 +18,9 @@ result before ``to_out``, while MIGC mixes outputs after ``to_out`` and needs th
   :meth:`MigcSession.shade` in place.
 
 Which rows are cond comes from Forge itself (``cond_indices`` in the transformer options; Forge puts
-uncond rows first); the step comes from the CFG-denoiser callback like on A1111. Patches are closures,
-not bound methods, because a later ``clone()`` deep-copies the model options.
+uncond rows first); the step comes from the CFG-denoiser callback like on A1111. Patches are plain
+functions holding the hooks weakly, not bound methods: a later ``clone()`` deep-copies the model options,
+and Forge keeps sampled clones after the job.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from ..shading import ShadingMode
 from ..unet_layers import attn2_layers, layer_name, split_layer_name
-from .base import HooksBase
+from .base import HooksBase, weak_patch
 
 
 def unet_of(p: Any) -> nn.Module:
@@ -83,17 +84,28 @@ def existing_attn2_replace(model_options: dict, key: tuple[str, int, int]) -> Ca
 
 
 class Hooks(HooksBase):
-    """The patches of one sampling pass; ``remove`` makes them inert (Forge drops the clone itself)."""
+    """The patches of one sampling pass; ``remove`` makes them inert (Forge drops the clone itself).
+
+    The patches reach these hooks through a weak reference (:func:`~.base.weak_patch`): Forge keeps
+    sampled clones, and with them their patches, long after the job."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.layers: dict[str, nn.Module] = {}
         self.images = 1
         self._active = False
+        self._attention = _forge_attention()
+        self._stash: dict[str, tuple[torch.Tensor, torch.Tensor, ShadingMode]] = {}
 
     @property
     def installed(self) -> bool:
         return self._active
+
+    def live(self) -> bool:
+        if not self._active or not self.is_current():
+            self._stash.clear()
+            return False
+        return True
 
     def install(self, p: Any) -> list[str]:
         patcher = p.sd_model.forge_objects.unet
@@ -102,73 +114,66 @@ class Hooks(HooksBase):
         names = self.layers_to_hook(all_layers)
         self.layers = {name: all_layers[name] for name in names}
         clone = patcher.clone()
-        before, replace_for, after = self._patches()
-        clone.set_model_attn2_patch(before)
+        clone.set_model_attn2_patch(weak_patch(self, Hooks._before, lambda n, context, value, extra_options: (n, context, value)))
         for name in names:
             key = block_key(name)
-            clone.set_model_attn2_replace(replace_for(existing_attn2_replace(clone.model_options, key)), *key)
-        clone.set_model_attn2_output_patch(after)
+            clone.set_model_attn2_replace(self._replace_for(existing_attn2_replace(clone.model_options, key)), *key)
+        clone.set_model_attn2_output_patch(weak_patch(self, Hooks._after, lambda n, extra_options: n))
         p.sd_model.forge_objects.unet = clone
         self._active = True
         return names
 
     def remove(self) -> None:
         self._active = False
+        self._stash.clear()
 
     def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
         self.session.set_step(step, total_steps)
 
-    def _patches(self) -> tuple[Callable, Callable, Callable]:
-        session, layers, attention = self.session, self.layers, _forge_attention()
-        stash: dict[str, tuple[torch.Tensor, torch.Tensor, ShadingMode]] = {}
+    def _before(self, n: torch.Tensor, context: torch.Tensor, value: Any, extra_options: dict) -> tuple:
+        """attn2_patch: keep the normed input and context of a layer MIGC shades at this step."""
+        self.raise_pending_error()
+        layer = layer_of(extra_options)
+        if layer in self.layers:
+            mode = self.session.mode_for(layer)
+            if self.session.is_shaded(mode) and extra_options.get("cond_indices"):
+                self._stash[layer] = (n, context, mode)
+        return n, context, value
 
-        def live() -> bool:
-            if not self._active or not self.is_current():
-                stash.clear()
-                return False
-            return True
+    def _replace_for(self, previous: Callable | None) -> Callable:
+        """Our attn2 replacement of one layer, chaining ``previous`` (another extension's replacement of
+        that layer) for every row and step MIGC does not shade; it sees the rows and options it expects,
+        and the cond rows MIGC shades are overwritten after ``to_out``."""
+        attention = self._attention
 
-        def before(n: torch.Tensor, context: torch.Tensor, value: Any, extra_options: dict) -> tuple:
-            if not live():
-                return n, context, value
-            self.raise_pending_error()
-            layer = layer_of(extra_options)
-            if layer in layers:
-                mode = session.mode_for(layer)
-                if session.is_shaded(mode) and extra_options.get("cond_indices"):
-                    stash[layer] = (n, context, mode)
-            return n, context, value
+        def plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+            if previous is not None:
+                return previous(q, k, v, extra_options)
+            return attention(q, k, v, extra_options["n_heads"])
 
-        def replace_for(previous: Callable | None) -> Callable:
-            """Our replacement of one layer, chaining ``previous`` (another extension's replacement of
-            that layer) for every row and step MIGC does not shade."""
+        def replace(hooks: Hooks, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+            if previous is not None or layer_of(extra_options) not in hooks._stash:
+                return plain(q, k, v, extra_options)
+            uncond = extra_options.get("uncond_indices") or []
+            out = q.new_zeros(q.shape)  # cond rows are shaded after to_out: not computed here to be thrown away
+            if uncond:
+                out[uncond] = attention(q[uncond], k[uncond], v[uncond], extra_options["n_heads"])
+            return out
 
-            def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-                if layer_of(extra_options) not in stash:
-                    return previous(q, k, v, extra_options) if previous is not None else attention(q, k, v, extra_options["n_heads"])
-                uncond = extra_options.get("uncond_indices") or []
-                if previous is not None:  # it sees the rows and options it expects; the cond rows are replaced after to_out
-                    return previous(q, k, v, extra_options)
-                out = q.new_zeros(q.shape)
-                if uncond:
-                    out[uncond] = attention(q[uncond], k[uncond], v[uncond], extra_options["n_heads"])
-                return out
+        return weak_patch(self, replace, plain)
 
-            return self.guarded(replace)
-
-        def after(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
-            layer = layer_of(extra_options)
-            kept = stash.pop(layer, None) if layer is not None else None
-            if kept is None:
-                return n
-            x, context, mode = kept
-            cond = list(extra_options["cond_indices"])
-            attn = layers[layer]
-            images = [j % self.images for j in range(len(cond))]
-            plain = lambda xx, cc: attn(xx, context=cc)  # noqa: E731
-            shaded = session.shade(layer, attn, plain, x[cond], context[cond], images, mode)
-            n = n.clone()
-            n[cond] = shaded.to(n.dtype)
+    def _after(self, n: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        """attn2_output_patch: put the cond rows shaded by :meth:`MigcSession.shade` in place."""
+        layer = layer_of(extra_options)
+        kept = self._stash.pop(layer, None) if layer is not None else None
+        if kept is None:
             return n
-
-        return self.guarded(before), replace_for, self.guarded(after)
+        x, context, mode = kept
+        cond = list(extra_options["cond_indices"])
+        attn = self.layers[layer]
+        images = [j % self.images for j in range(len(cond))]
+        plain = lambda xx, cc: attn(xx, context=cc)  # noqa: E731
+        shaded = self.session.shade(layer, attn, plain, x[cond], context[cond], images, mode)
+        n = n.clone()
+        n[cond] = shaded.to(n.dtype)
+        return n

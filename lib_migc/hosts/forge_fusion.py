@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from ..magicfusion_runtime import MODEL_B, FusionRuntime, blend_rows
 from ..magicfusion_weights import check_pair, load_unet_state, state_shapes
+from .base import weak_patch
 from .a1111_fusion import _checkpoint, model_b_info  # noqa: F401  (the checkpoint list is the same module in Forge)
 
 
@@ -32,17 +33,24 @@ def _patcher(p: Any) -> Any:
 
 
 def forget_in_forge_memory(module: nn.Module) -> None:
-    """Drop Forge's own references to ``module``: ``add_extra_torch_module_during_sampling`` wraps it in a
-    ModelPatcher that Forge's memory manager keeps in ``current_loaded_models`` until it needs the memory
-    (on a CPU host: never), so without this every model B ever loaded would stay resident."""
+    """Drop Forge's own references to ``module``. ``add_extra_torch_module_during_sampling`` wraps it in a
+    ModelPatcher listed by the UnetPatcher clone (and by every later clone of it, e.g. our attention
+    hooks'), and Forge's memory manager keeps both the sampled clone and that patcher in
+    ``current_loaded_models`` until it needs the memory (on a CPU host: never). Without this every model B
+    ever loaded would stay resident."""
     try:
         from backend import memory_management
     except ImportError:
         return
     loaded = memory_management.current_loaded_models
     for index in range(len(loaded) - 1, -1, -1):
-        if getattr(getattr(loaded[index], "model", None), "model", None) is module:
+        patcher = getattr(loaded[index], "model", None)
+        if getattr(patcher, "model", None) is module:
             loaded.pop(index)
+            continue
+        extras = getattr(patcher, "extra_model_patchers_during_sampling", None)
+        if extras:
+            extras[:] = [extra for extra in extras if getattr(extra, "model", None) is not module]
 
 
 MODEL_B.on_drop(forget_in_forge_memory)
@@ -124,57 +132,70 @@ def _calc_cond_uncond_batch() -> Callable:
     return calc_cond_uncond_batch
 
 
+def _keep_model_options(model, x, timestep, uncond, cond, cond_scale, model_options, seed):  # noqa: ANN001, ANN202
+    return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+
+def _keep_denoised(args: dict) -> torch.Tensor:
+    return args["denoised"]
+
+
 class FusionHooks:
-    """The conditioning modifier and post-CFG function of one pass, on a clone of the job's UnetPatcher."""
+    """The conditioning modifier and post-CFG function of one pass, on a clone of the job's UnetPatcher.
+
+    Both reach these hooks through a weak reference: Forge keeps sampled clones after the job, and they
+    must not keep the runtime alive (B leaves them with :func:`forget_in_forge_memory`)."""
 
     def __init__(self, runtime: FusionRuntime, is_current: Callable[[], bool] = lambda: True) -> None:
         self.runtime = runtime
         self.is_current = is_current
         self._active = False
+        self._scale: float | None = None
 
     @property
     def installed(self) -> bool:
         return self._active
+
+    def live(self) -> bool:
+        return self._active and self.is_current()
 
     def install(self, p: Any) -> None:
         if self.runtime.unet_b is None:
             from ..errors import MigcError
 
             raise MigcError("MagicFusion: model B \"same\" is not available on Forge yet; pick a second checkpoint.")
-        patcher = _patcher(p).clone()
-        scale: dict[str, float] = {}
-        runtime, live = self.runtime, lambda: self._active and self.is_current()
-
-        def record_scale(model, x, timestep, uncond, cond, cond_scale, model_options, seed):  # noqa: ANN001, ANN202
-            scale["s"] = float(cond_scale)
-            return model, x, timestep, uncond, cond, cond_scale, model_options, seed
-
-        def post_cfg(args: dict) -> torch.Tensor:
-            denoised, uncond_pred = args["denoised"], args.get("uncond_denoised")
-            model, sigma, x = args["model"], args["sigma"], args["input"]
-            if not live() or uncond_pred is None or args.get("uncond") is None or "s" not in scale:
-                return denoised  # uncond skipped (CFG 1): no saliency, A alone
-            if not runtime.fused(model.predictor.timestep(sigma).flatten()[0].item()):
-                return denoised
-            model_b = _ModelB(model, runtime.unet_b)
-            b_cond, b_uncond = _calc_cond_uncond_batch()(model_b, _for_b(args["cond"], runtime.prompt_b),
-                                                         _for_b(args["uncond"], None), x, sigma, {"transformer_options": {}})
-            rows = torch.cat([args["cond_denoised"], uncond_pred])
-            images = x.shape[0]
-            sig = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(images)
-            blend_rows(rows, torch.cat([b_cond, b_uncond]), torch.cat([x, x]), torch.cat([sig, sig]),
-                       images, scale["s"], runtime.params, b_denoised=True)
-            return denoised + (guided(rows[:images], rows[images:], scale["s"])
-                               - guided(args["cond_denoised"], uncond_pred, scale["s"]))
-
-        patcher.add_conditioning_modifier(record_scale)
-        patcher.set_model_sampler_post_cfg_function(post_cfg)
-        patcher.add_extra_torch_module_during_sampling(runtime.unet_b, cast_to_unet_dtype=False)  # B is in A's dtype already
-        p.sd_model.forge_objects.unet = patcher
+        clone = _patcher(p).clone()
+        clone.add_conditioning_modifier(weak_patch(self, FusionHooks._record_scale, _keep_model_options))
+        clone.set_model_sampler_post_cfg_function(weak_patch(self, FusionHooks._post_cfg, _keep_denoised))
+        clone.add_extra_torch_module_during_sampling(self.runtime.unet_b, cast_to_unet_dtype=False)  # B is in A's dtype already
+        p.sd_model.forge_objects.unet = clone
         self._active = True
 
     def remove(self) -> None:
         self._active = False
+
+    def _record_scale(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):  # noqa: ANN001, ANN202
+        """Conditioning modifier: the CFG scale of this step, after Forge's own changes to it."""
+        self._scale = float(cond_scale)
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def _post_cfg(self, args: dict) -> torch.Tensor:
+        """Post-CFG function: B's rows through Forge's own batch function, blended per pixel with A's."""
+        denoised, uncond_pred = args["denoised"], args.get("uncond_denoised")
+        model, sigma, x, scale, runtime = args["model"], args["sigma"], args["input"], self._scale, self.runtime
+        if uncond_pred is None or args.get("uncond") is None or scale is None:
+            return denoised  # uncond skipped (CFG 1): no saliency, A alone
+        if not runtime.fused(model.predictor.timestep(sigma).flatten()[0].item()):
+            return denoised
+        model_b = _ModelB(model, runtime.unet_b)
+        b_cond, b_uncond = _calc_cond_uncond_batch()(model_b, _for_b(args["cond"], runtime.prompt_b),
+                                                     _for_b(args["uncond"], None), x, sigma, {"transformer_options": {}})
+        rows = torch.cat([args["cond_denoised"], uncond_pred])
+        images = x.shape[0]
+        sig = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(images)
+        blend_rows(rows, torch.cat([b_cond, b_uncond]), torch.cat([x, x]), torch.cat([sig, sig]),
+                   images, scale, runtime.params, b_denoised=True)
+        return denoised + (guided(rows[:images], rows[images:], scale) - guided(args["cond_denoised"], uncond_pred, scale))
 
     def on_cfg_step(self, params: Any, guidance: float) -> None:
         pass

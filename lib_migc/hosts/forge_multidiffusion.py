@@ -17,8 +17,13 @@ import torch
 
 from ..errors import MigcError
 from ..multidiffusion_runtime import RegionRuntime
+from .base import weak_patch
 
 COND = 0
+
+
+def _plain_call(apply_model: Callable, args: dict) -> torch.Tensor:
+    return apply_model(args["input"], args["timestep"], **args["c"])
 
 
 def _transformer_options(options: dict, is_cond: list[bool]) -> dict:
@@ -47,13 +52,16 @@ class RegionHooks:
     def installed(self) -> bool:
         return self._active
 
+    def live(self) -> bool:
+        return self._active and self.is_current()
+
     def install(self, p: Any) -> None:
         patcher = p.sd_model.forge_objects.unet
         if "model_function_wrapper" in patcher.model_options:
             raise MigcError("MultiDiffusion could not start: another extension already wraps Forge's UNet function "
                             "(e.g. Regional Prompter or Forge Couple); disable it for this image.")
         clone = patcher.clone()
-        clone.set_model_unet_function_wrapper(self._wrapper())
+        clone.set_model_unet_function_wrapper(weak_patch(self, RegionHooks._wrapper, _plain_call))
         p.sd_model.forge_objects.unet = clone
         self._active = True
 
@@ -63,33 +71,29 @@ class RegionHooks:
     def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
         self.step = step
 
-    def _wrapper(self) -> Callable:
-        hooks = self
+    def _wrapper(self, apply_model: Callable, args: dict) -> torch.Tensor:
+        """Forge's model-function wrapper: the batch's rows expanded into region rows, fused back."""
+        x, timestep, c, marks = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
+        if not self.runtime.fits(x):
+            return apply_model(x, timestep, **c)
+        self.raise_pending()
+        if c.get("control") is not None:
+            raise MigcError("MultiDiffusion does not support ControlNet on Forge yet: disable ControlNet or use "
+                            "the naive mode.")
+        per = x.shape[0] // max(len(marks), 1)
+        is_cond = [marks[r // per] == COND for r in range(x.shape[0])]
+        images = [r % per for r in range(x.shape[0])]
 
-        def wrapper(apply_model: Callable, args: dict) -> torch.Tensor:
-            x, timestep, c, marks = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
-            if not hooks._active or not hooks.is_current() or not hooks.runtime.fits(x):
-                return apply_model(x, timestep, **c)
-            hooks.raise_pending()
-            if c.get("control") is not None:
-                raise MigcError("MultiDiffusion does not support ControlNet on Forge yet: disable ControlNet or use "
-                                "the naive mode.")
-            per = x.shape[0] // max(len(marks), 1)
-            is_cond = [marks[r // per] == COND for r in range(x.shape[0])]
-            images = [r % per for r in range(x.shape[0])]
+        def call(xs: torch.Tensor, levels: torch.Tensor, ctx: torch.Tensor, vec: torch.Tensor | None,
+                 source: torch.Tensor) -> torch.Tensor:
+            rows = dict(c)
+            rows["c_crossattn"] = ctx
+            if vec is not None:
+                rows["y"] = vec
+            if isinstance(c.get("c_concat"), torch.Tensor):
+                rows["c_concat"] = c["c_concat"][source]
+            rows["transformer_options"] = _transformer_options(c.get("transformer_options", {}),
+                                                               [is_cond[int(s)] for s in source])
+            return apply_model(xs, levels, **rows)
 
-            def call(xs: torch.Tensor, levels: torch.Tensor, ctx: torch.Tensor, vec: torch.Tensor | None,
-                     source: torch.Tensor) -> torch.Tensor:
-                rows = dict(c)
-                rows["c_crossattn"] = ctx
-                if vec is not None:
-                    rows["y"] = vec
-                if isinstance(c.get("c_concat"), torch.Tensor):
-                    rows["c_concat"] = c["c_concat"][source]
-                rows["transformer_options"] = _transformer_options(c.get("transformer_options", {}),
-                                                                   [is_cond[int(s)] for s in source])
-                return apply_model(xs, levels, **rows)
-
-            return hooks.runtime.denoise(call, x, timestep, c["c_crossattn"], c.get("y"), is_cond, images, hooks.step)
-
-        return wrapper
+        return self.runtime.denoise(call, x, timestep, c["c_crossattn"], c.get("y"), is_cond, images, self.step)
