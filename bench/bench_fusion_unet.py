@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_unet import build_sd1_unet, use_sdp_attention  # noqa: E402
 from lib_migc.hosts.a1111_fusion import FusionHooks  # noqa: E402
-from lib_migc.magicfusion_params import FusionParams  # noqa: E402
-from lib_migc.magicfusion_runtime import FusionRuntime  # noqa: E402
+from lib_migc.modes.magicfusion.params import FusionParams  # noqa: E402
+from lib_migc.modes.magicfusion.runtime import FusionRuntime  # noqa: E402
 
 GUIDANCE = 7.5
 

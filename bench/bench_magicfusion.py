@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import device_setup, median_ms  # noqa: E402
 
-from lib_migc.magicfusion import cfg, snb_blend, snb_blend_denoised  # noqa: E402
+from lib_migc.modes.magicfusion.method import cfg, snb_blend, snb_blend_denoised  # noqa: E402
 
 SHAPES = ((1, 4, 64, 64), (2, 4, 96, 128))
 GUIDANCE, K_A, K_B = 7.5, 1.0, 1.0

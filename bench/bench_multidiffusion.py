@@ -5,7 +5,7 @@
 
 The UNet (real ldm ``UNetModel``, SD1 config, random weights, SDP attention as A1111's 'sdp') sits
 behind a k-diffusion-style denoiser (x0 out); the region rows go through
-:class:`lib_migc.multidiffusion_runtime.RegionRuntime` exactly as the A1111 wrapper runs them. Cases:
+:class:`lib_migc.modes.multidiffusion.runtime.RegionRuntime` exactly as the A1111 wrapper runs them. Cases:
 plain (2 rows), regions while bootstrapping (every region's cond and uncond row: 2(N+1) rows), and
 regions after bootstrapping with one shared negative (N+1 cond rows + 1 uncond row). Prints the median
 time, the ratio to plain measured in the same run, the expected ratio from the row count, and the
@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_unet import LiveTensorPeak, build_sd1_unet, use_sdp_attention  # noqa: E402
 from timing import device_setup  # noqa: E402
-from lib_migc.multidiffusion import pixel_boxes, region_masks  # noqa: E402
-from lib_migc.multidiffusion_runtime import Bootstrap, RegionPrompts, RegionRuntime  # noqa: E402
+from lib_migc.modes.multidiffusion.method import pixel_boxes, region_masks  # noqa: E402
+from lib_migc.modes.multidiffusion.runtime import Bootstrap, RegionPrompts, RegionRuntime  # noqa: E402
 
 GRID = [(x * 0.23, y * 0.23, x * 0.23 + 0.3, y * 0.23 + 0.3) for y in range(4) for x in range(4)]
 SIGMA = 3.0

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import device_setup, median_ms  # noqa: E402
 
-from lib_migc.masks import MaskCache  # noqa: E402
-from lib_migc.modules import MIGCBlock  # noqa: E402
-from lib_migc.shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations  # noqa: E402
+from lib_migc.core.masks import MaskCache  # noqa: E402
+from lib_migc.modes.migc.modules import MIGCBlock  # noqa: E402
+from lib_migc.modes.migc.shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations  # noqa: E402
 
 C, HEADS, CTX = 1280, 8, 768
 BOX_GRID = [(x / 4, y / 4, x / 4 + 0.45, y / 4 + 0.45) for y in range(3) for x in range(3)]

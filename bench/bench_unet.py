@@ -33,16 +33,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib_migc.checkpoint import MigcWeights  # noqa: E402
+from lib_migc.core.layout import parse_layout  # noqa: E402
+from lib_migc.core.unet_layers import MIGC_LAYERS  # noqa: E402
 from lib_migc.hosts.a1111 import Hooks  # noqa: E402
-from lib_migc.layout import parse_layout  # noqa: E402
-from lib_migc.modules import MIGCBlock, MIGCPlusBlock  # noqa: E402
+from lib_migc.modes.migc.checkpoint import MigcWeights  # noqa: E402
+from lib_migc.modes.migc.modules import MIGCBlock, MIGCPlusBlock  # noqa: E402
+from lib_migc.modes.migc.session import MigcSession  # noqa: E402
+from lib_migc.modes.migc.shading import InstanceConditioning  # noqa: E402
+from lib_migc.modes.structure.attention import Overlay  # noqa: E402
+from lib_migc.modes.structure.method import StructureRuntime  # noqa: E402
 from lib_migc.params import MigcParams  # noqa: E402
-from lib_migc.session import MigcSession  # noqa: E402
-from lib_migc.shading import InstanceConditioning  # noqa: E402
-from lib_migc.structure import StructureRuntime  # noqa: E402
-from lib_migc.structure_attention import Overlay  # noqa: E402
-from lib_migc.unet_layers import MIGC_LAYERS  # noqa: E402
 
 GRID = [(x * 0.23, y * 0.23, x * 0.23 + 0.3, y * 0.23 + 0.3) for y in range(4) for x in range(4)]
 

@@ -29,7 +29,7 @@
     /** Decimals kept in the JSON (as lib_migc/layout.py writes them): 8-px multiples of 512 px stay exact. */
     const DECIMALS = 6;
     const HISTORY_LIMIT = 200;
-    /** Same colours, same order as lib_migc/draw.py PALETTE, so the boxes image matches the editor. */
+    /** Same colours, same order as lib_migc/core/draw.py PALETTE, so the boxes image matches the editor. */
     const PALETTE = [
         [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240],
         [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255], [170, 110, 40], [128, 0, 0],

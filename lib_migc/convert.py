@@ -2,7 +2,7 @@
 
     python -m lib_migc.convert MIGC_SD14.ckpt MIGC_SD14.safetensors
 
-The input is read with the allow-list unpickler (lib_migc.safe_pickle) and validated as MIGC weights; keys are kept
+The input is read with the allow-list unpickler (lib_migc.core.safe_pickle) and validated as MIGC weights; keys are kept
 as they are. ``--trust`` allows a full unpickle for a file whose top level holds other Python objects
 that the safe loader refuses: use it only for a file you trust, since unpickling can run code.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import check_state, read_state_dict
-from .unet_layers import layer_sort_key
-from .errors import CheckpointError
+from .core.errors import CheckpointError
+from .core.unet_layers import layer_sort_key
+from .modes.migc.checkpoint import check_state, read_state_dict
 
 
 def convert(src: str, dst: str, trust_pickle: bool = False) -> int:

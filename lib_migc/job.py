@@ -25,15 +25,18 @@ from typing import Any
 
 import torch
 
-from . import fusion_job, host_memory, multidiffusion_job, settings, weights_store
-from .draw import draw_layout
-from .errors import MigcError
-from .layout import MAX_MIGC_INSTANCES, fit_masks
+from .core import host_memory, settings
+from .core.draw import draw_layout
+from .core.errors import MigcError
+from .core.layout import MAX_MIGC_INSTANCES, fit_masks
+from .core.text_encoding import encode_conditioning, encode_phrases, own_global_context
+from .modes.magicfusion import mode as fusion_job
+from .modes.migc import weights_store
+from .modes.migc.session import MigcSession
+from .modes.migc.shading import InstanceConditioning
+from .modes.multidiffusion import mode as multidiffusion_job
+from .modes.structure.method import TextEngine, build_runtime, skipped_message
 from .params import INFOTEXT_KEY, MODE_MIGC, MODE_MULTIDIFFUSION, MODE_NAIVE, UI_FIELDS, MigcParams, with_descriptions_appended
-from .session import MigcSession
-from .shading import InstanceConditioning
-from .structure import TextEngine, build_runtime, skipped_message
-from .text_encoding import encode_conditioning, encode_phrases, own_global_context
 
 log = logging.getLogger("migc")
 

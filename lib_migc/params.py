@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
-from .errors import MigcError
-from .layout import Layout, parse_layout
-from .magicfusion_params import FusionParams
-from .structure_params import StructureParams
+from .core.errors import MigcError
+from .core.layout import Layout, parse_layout
+from .modes.magicfusion.params import FusionParams
+from .modes.structure.params import StructureParams
 
 DEFAULT_WEIGHTS = "MIGC_SD14.ckpt"
 INFOTEXT_KEY = "MIGC"

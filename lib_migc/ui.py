@@ -11,8 +11,9 @@ import functools
 import logging
 from typing import Any, Callable
 
+from .core import settings
+from .modes.migc import weight_files
 from .params import DEFAULT_BOOTSTRAP, INFOTEXT_KEY, MODES, MigcParams, UI_FIELDS
-from . import settings, weight_files
 
 log = logging.getLogger("migc")
 
@@ -116,7 +117,7 @@ STRUCTURE_HELP = (
 
 def _structure_group(gr: Any, tab: str) -> list[Any]:
     """The StructureDiffusion fields, in :data:`lib_migc.params.STRUCTURE_UI_FIELDS` order."""
-    from .structure_params import CUSTOM, MODES, SOURCES
+    from .modes.structure.params import CUSTOM, MODES, SOURCES
 
     with gr.Group(elem_id=f"{tab}_migc_structure"):
         with gr.Row():
@@ -140,7 +141,7 @@ FUSION_HELP = (
 
 def fused_steps_text(window_mode: str, switch_t: Any) -> str:
     """How many steps the window fuses, for common step counts (the timestep grid of DDIM-like samplers)."""
-    from .magicfusion_params import FusionWindow, fused_step_count
+    from .modes.magicfusion.params import FusionWindow, fused_step_count
 
     try:
         window = FusionWindow(window_mode, int(switch_t))
@@ -152,7 +153,7 @@ def fused_steps_text(window_mode: str, switch_t: Any) -> str:
 
 def _fusion_group(gr: Any, tab: str) -> list[Any]:
     """The MagicFusion fields, in :data:`lib_migc.params.FUSION_UI_FIELDS` order."""
-    from .magicfusion_params import SAME, WINDOW_MODES, FusionParams
+    from .modes.magicfusion.params import SAME, WINDOW_MODES, FusionParams
 
     def titles() -> list[str]:
         try:

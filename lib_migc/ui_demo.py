@@ -18,7 +18,7 @@ import itertools
 import os
 from typing import Any
 
-from .errors import MigcError
+from .core.errors import MigcError
 from .params import INFOTEXT_KEY, UI_FIELDS, MigcParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

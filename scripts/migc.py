@@ -10,7 +10,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modules.scripts as scripts  # noqa: E402
 from modules import script_callbacks  # noqa: E402
 
-from lib_migc import hosts, job, settings, ui  # noqa: E402
+from lib_migc import hosts, job, ui  # noqa: E402
+from lib_migc.core import settings  # noqa: E402
 
 HOST = hosts.current()
 

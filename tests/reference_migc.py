@@ -1,7 +1,7 @@
 """A literal, slow transcription of the MIGC layer from docs/migc-spec.md, for tests only.
 
 It repeats the hidden states per instance, applies every to_out and conv1 separately and builds the
-SAC inputs exactly as the spec lists them. The fast path in lib_migc.shading folds and batches all of
+SAC inputs exactly as the spec lists them. The fast path in lib_migc.modes.migc.shading folds and batches all of
 this; comparing the two on many shapes and options is how the fast path is checked beyond the single
 official parity case (which this reference also reproduces, see test_parity.py).
 """

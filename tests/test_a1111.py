@@ -6,7 +6,7 @@ import torch
 
 import fake_webui
 from conftest import INSTANCES
-from lib_migc.errors import CheckpointError, LayoutError, MigcError
+from lib_migc.core.errors import CheckpointError, LayoutError, MigcError
 from lib_migc.params import MigcParams
 
 
@@ -271,7 +271,7 @@ def test_hires_pass_is_plain_unless_asked_and_then_uses_its_own_size(webui, unet
 
 
 def test_instance_encoding_uses_the_webui_path_and_the_first_eos_pooled_state(webui, unet, text_model):
-    from lib_migc.text_encoding import encode_phrases
+    from lib_migc.core.text_encoding import encode_phrases
 
     model = fake_webui.FakeSDModel(unet, text_model)
     phrases = ["a red ball", "a very small blue cube on a table"]

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import REPO, official_subkeys, random_official_state
-from lib_migc.checkpoint import layer_of_key, load_migc_weights, read_state_dict
-from lib_migc.errors import CheckpointError
-from lib_migc.unet_layers import MIGC_LAYERS
+from lib_migc.core.errors import CheckpointError
+from lib_migc.core.unet_layers import MIGC_LAYERS
+from lib_migc.modes.migc.checkpoint import layer_of_key, load_migc_weights, read_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ MIGCPLUS_LAYERS = {"mid_block.attentions.0": ("middle_block.1", 1280), "up_block
 
 def _migcplus_state(seed=5, layers=MIGCPLUS_LAYERS):
     """A random file in the official MIGC++ layout: a flat dict, diffusers names, 26 sub-keys per layer."""
-    from lib_migc.modules import expected_state_shapes
+    from lib_migc.modes.migc.modules import expected_state_shapes
 
     g = torch.Generator().manual_seed(seed)
     state = {}

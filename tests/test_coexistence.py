@@ -10,8 +10,8 @@ import fake_webui
 from helpers import build_unet, finish_job, start_job
 from lib_migc import job
 from lib_migc.hosts import a1111, forge
-from lib_migc.magicfusion import snb_mask
-from lib_migc.magicfusion_runtime import MODEL_B
+from lib_migc.modes.magicfusion.method import snb_mask
+from lib_migc.modes.magicfusion.runtime import MODEL_B
 from test_forge import args, forge_p, inputs
 from test_magicfusion_forge import GUIDANCE, TINY, conds
 from test_magicfusion_a1111 import fusion_args, save_checkpoint
@@ -121,7 +121,7 @@ def test_forge_magicfusion_keeps_earlier_cfg_results(webui_modules, tmp_path, te
 
 # ------------------------------------------------------------------------------------------ A1111
 def test_a1111_chains_and_restores_another_extensions_attention_forward(webui_modules, unet, text_model):
-    from lib_migc.unet_layers import attn2_layers
+    from lib_migc.core.unet_layers import attn2_layers
 
     layer = attn2_layers(unet)["output_blocks.3.1"]
     calls = []

@@ -8,7 +8,7 @@ import fake_forge
 import fake_webui
 from conftest import INSTANCES
 from lib_migc import job
-from lib_migc.errors import LayoutError
+from lib_migc.core.errors import LayoutError
 from lib_migc.hosts import a1111, forge
 
 
@@ -143,7 +143,7 @@ def test_sdxl_declines_on_forge_too(webui, unet, text_model):
 
 
 def test_forge_encoding_reads_the_pooled_state_of_its_text_engine(webui, unet, text_model):
-    from lib_migc.text_encoding import encode_phrases
+    from lib_migc.core.text_encoding import encode_phrases
 
     model = fake_forge.ForgeSDModel(unet, text_model)
     contexts, pooled = encode_phrases(model, ["a red ball", "a cube"])

@@ -23,8 +23,8 @@ import fake_webui
 from conftest import INSTANCES
 from helpers import finish_job, start_job
 from lib_migc import job
+from lib_migc.core.mask_codec import encode_mask
 from lib_migc.hosts import a1111, forge
-from lib_migc.mask_codec import encode_mask
 from lib_migc.params import INFOTEXT_KEY, MigcParams
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

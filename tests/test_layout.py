@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from lib_migc.errors import LayoutError, MigcError
-from lib_migc.layout import MAX_INSTANCES, Instance, Layout, parse_layout
+from lib_migc.core.errors import LayoutError, MigcError
+from lib_migc.core.layout import MAX_INSTANCES, Instance, Layout, parse_layout
 
 GOOD = {"global_prompt": "a room", "instances": [
     {"description": "a red teddy bear", "box": [0.1, 0.2, 0.5, 0.9]},

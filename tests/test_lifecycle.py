@@ -12,10 +12,12 @@ import fake_forge
 import fake_webui
 from conftest import INSTANCES
 from helpers import finish_job, start_job
-from lib_migc import job, settings, weights_store
-from lib_migc.errors import MigcError
+from lib_migc import job
+from lib_migc.core import settings
+from lib_migc.core.errors import MigcError
 from lib_migc.hosts import a1111, forge
-from lib_migc.magicfusion_runtime import MODEL_B
+from lib_migc.modes.magicfusion.runtime import MODEL_B
+from lib_migc.modes.migc import weights_store
 from lib_migc.params import MigcParams
 
 
@@ -120,7 +122,7 @@ def test_a_job_that_fails_outside_our_hooks_is_released_when_the_webui_closes_it
 
 @pytest.mark.parametrize("host", ["a1111", "forge"])
 def test_an_error_inside_a_hook_releases_the_job_and_the_next_image_is_plain(webui_modules, unet, text_model, monkeypatch, host):
-    from lib_migc.session import MigcSession
+    from lib_migc.modes.migc.session import MigcSession
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")

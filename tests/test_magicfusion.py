@@ -12,11 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_migc.errors import MigcError
-from lib_migc.magicfusion import snb_blend, snb_blend_denoised
-from lib_migc.magicfusion_params import (A_THEN_SNB, SNB_THEN_A, FusionWindow, MagicFusionParams, ddim_timestep,
-                                         fused_at_timestep, fused_step_count, in_fusion_window)
-from lib_migc.magicfusion_weights import ATTN2_TO_K_KEY, INPUT_CONV_KEY, check_pair, load_unet_state, state_shapes
+from lib_migc.core.errors import MigcError
+from lib_migc.modes.magicfusion.method import snb_blend, snb_blend_denoised
+from lib_migc.modes.magicfusion.params import (
+    A_THEN_SNB, SNB_THEN_A, FusionWindow, MagicFusionParams, ddim_timestep, fused_at_timestep,
+    fused_step_count, in_fusion_window,
+)
+from lib_migc.modes.magicfusion.weights import ATTN2_TO_K_KEY, INPUT_CONV_KEY, check_pair, load_unet_state, state_shapes
 
 CASE = "c1_64x64_b1_s7.5_k1"
 EPS_NAMES = ("eps_a_cond", "eps_a_uncond", "eps_b_cond", "eps_b_uncond")
@@ -77,7 +79,7 @@ def test_reference_case_window(reference):
 
 
 def _hook_params(case):
-    from lib_migc.magicfusion_params import FusionParams
+    from lib_migc.modes.magicfusion.params import FusionParams
 
     return FusionParams(enabled=True, model_b="b", k_a=case["k_a"], k_b=case["k_b"])
 
@@ -85,7 +87,7 @@ def _hook_params(case):
 def test_reference_case_through_the_hooks_row_blend_eps(reference):
     """``blend_rows`` (what A1111's on_cfg_denoised and Forge's post-CFG function call) on a timestep
     sampler's ε rows, then the WebUI's own CFG combine: the official blended ε."""
-    from lib_migc.magicfusion_runtime import blend_rows
+    from lib_migc.modes.magicfusion.runtime import blend_rows
 
     inputs, stored, _, case = reference
     rows = torch.cat([inputs["eps_a_cond"], inputs["eps_a_uncond"]]).clone()
@@ -98,7 +100,7 @@ def test_reference_case_through_the_hooks_row_blend_eps(reference):
 
 def test_reference_case_through_the_hooks_row_blend_kdiffusion(reference):
     """The same on k-diffusion rows (denoised predictions, per-row σ), A1111's and Forge's case."""
-    from lib_migc.magicfusion_runtime import blend_rows
+    from lib_migc.modes.magicfusion.runtime import blend_rows
 
     inputs, stored, meta, case = reference
     sigma = float(meta["kdiff_sigma"])

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 import fake_webui
 from helpers import build_unet, finish_job, start_job
 from lib_migc import job
-from lib_migc.errors import MigcError
-from lib_migc.magicfusion import snb_mask
-from lib_migc.magicfusion_runtime import MODEL_B
+from lib_migc.core.errors import MigcError
+from lib_migc.modes.magicfusion.method import snb_mask
+from lib_migc.modes.magicfusion.runtime import MODEL_B
 from lib_migc.params import MigcParams
 
 UNET_YAML = """model:

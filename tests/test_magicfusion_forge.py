@@ -7,8 +7,8 @@ import fake_forge
 import fake_webui
 from helpers import build_unet, finish_job, start_job
 from lib_migc.hosts import forge
-from lib_migc.magicfusion import snb_mask
-from lib_migc.magicfusion_runtime import MODEL_B
+from lib_migc.modes.magicfusion.method import snb_mask
+from lib_migc.modes.magicfusion.runtime import MODEL_B
 from test_magicfusion_a1111 import fusion_args, save_checkpoint
 
 TINY = dict(image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],

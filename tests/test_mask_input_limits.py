@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib_migc import mask_codec
-from lib_migc.errors import LayoutError
-from lib_migc.layout import parse_layout
-from lib_migc.mask_codec import CACHE_BYTES, MAX_MASK_CHARS, MAX_MASK_SIDE, decode_mask, encode_mask
+from lib_migc.core import mask_codec
+from lib_migc.core.errors import LayoutError
+from lib_migc.core.layout import parse_layout
+from lib_migc.core.mask_codec import CACHE_BYTES, MAX_MASK_CHARS, MAX_MASK_SIDE, decode_mask, encode_mask
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from lib_migc.errors import LayoutError
-from lib_migc.layout import fit_masks, parse_layout
-from lib_migc.mask_codec import decode_mask, encode_mask, fit_mask, mask_to_box
-from lib_migc.masks import MaskCache, box_mask, full_res_masks
+from lib_migc.core.errors import LayoutError
+from lib_migc.core.layout import fit_masks, parse_layout
+from lib_migc.core.mask_codec import decode_mask, encode_mask, fit_mask, mask_to_box
+from lib_migc.core.masks import MaskCache, box_mask, full_res_masks
 
 
 def _disc(h, w, cx, cy, r, soft=False):
@@ -108,8 +108,8 @@ def test_a_mask_equal_to_its_box_gives_the_boxes_masks():
 
 def test_a_mask_thinner_than_a_feature_cell_is_reported():
     from lib_migc.params import MigcParams
-    from lib_migc.session import MigcSession
-    from lib_migc.shading import InstanceConditioning
+    from lib_migc.modes.migc.session import MigcSession
+    from lib_migc.modes.migc.shading import InstanceConditioning
 
     thin = np.zeros((512, 512))
     thin[:, 100:104] = 1.0  # a 4-px line: point-sampled away at 16x16 and 8x8

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import load_shared_module
-from lib_migc.masks import MaskCache, box_mask, feature_size, latent_masks
+from lib_migc.core.masks import MaskCache, box_mask, feature_size, latent_masks
 
 CPU = torch.device("cpu")
 

@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 import fake_forge
 import fake_webui
 from lib_migc import job
-from lib_migc.errors import MigcError
+from lib_migc.core.errors import MigcError
+from lib_migc.core.mask_codec import encode_mask
+from lib_migc.core.masks import box_mask
 from lib_migc.hosts import a1111, forge
-from lib_migc.mask_codec import encode_mask
-from lib_migc.masks import box_mask
-from lib_migc.modules import expected_state_shapes
+from lib_migc.modes.migc.modules import expected_state_shapes
 from lib_migc.params import MigcParams
 from test_forge import a1111_step, forge_step
 

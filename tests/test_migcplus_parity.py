@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import load_shared_module
-from lib_migc.masks import MaskCache
-from lib_migc.modules import MIGCPlusBlock
-from lib_migc.shading import InstanceConditioning, LayerShader, ShadingMode
+from lib_migc.core.masks import MaskCache
+from lib_migc.modes.migc.modules import MIGCPlusBlock
+from lib_migc.modes.migc.shading import InstanceConditioning, LayerShader, ShadingMode
 
 CASE = "up16_512_mixed4_overlap"
 CPU = torch.device("cpu")
@@ -69,7 +69,7 @@ def test_regenerated_inputs_and_weights_match_the_recorded_checksums(case):
 
 
 def test_the_product_derives_the_same_boxes_from_the_masks(case):
-    from lib_migc.mask_codec import mask_to_box
+    from lib_migc.core.mask_codec import mask_to_box
 
     for i, kind in enumerate(case["kinds"]):
         if kind == "mask":

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 import reference_migc
-from lib_migc.layout import parse_layout
-from lib_migc.mask_codec import encode_mask
-from lib_migc.masks import MaskCache, box_mask
-from lib_migc.modules import MIGCPlusBlock
-from lib_migc.shading import InstanceConditioning, LayerShader, ShadingMode
+from lib_migc.core.layout import parse_layout
+from lib_migc.core.mask_codec import encode_mask
+from lib_migc.core.masks import MaskCache, box_mask
+from lib_migc.modes.migc.modules import MIGCPlusBlock
+from lib_migc.modes.migc.shading import InstanceConditioning, LayerShader, ShadingMode
 
 C = 64
 

@@ -12,7 +12,7 @@ from fake_forge import EpsPredictor
 from helpers import build_family_unet
 from lib_migc import job
 from lib_migc.hosts import a1111, forge
-from lib_migc.multidiffusion_runtime import layout_region_masks
+from lib_migc.modes.multidiffusion.runtime import layout_region_masks
 from lib_migc.params import MigcParams
 
 BOXES = [{"description": "a red ball", "box": [0.0625, 0.125, 0.5, 0.875]},
@@ -262,7 +262,7 @@ def test_a_plain_generation_after_the_mode_is_bit_identical(webui_modules, unets
     ({"mode": "regions"}, ["'mode'", "multidiffusion"]),
 ])
 def test_malformed_input_is_refused_in_every_mode(webui_modules, bad, words):
-    from lib_migc.errors import MigcError
+    from lib_migc.core.errors import MigcError
 
     for mode in ("multidiffusion", "naive", "migc"):
         with pytest.raises(MigcError) as info:

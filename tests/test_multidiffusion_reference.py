@@ -1,11 +1,11 @@
 """The proof that the region mode is MultiDiffusion: reproduce the official code's stored outputs
-(../shared/data/modes/multidiffusion/, toy eps model, float64) with lib_migc.multidiffusion."""
+(../shared/data/modes/multidiffusion/, toy eps model, float64) with lib_migc.modes.multidiffusion.method."""
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from helpers import load_shared_module
-from lib_migc import multidiffusion as md
+from lib_migc.modes.multidiffusion import method as md
 
 CASE = "c1_sq_default"
 
@@ -141,7 +141,7 @@ def test_the_runtime_the_hooks_call_reproduces_the_official_trajectory(case, chu
     """RegionRuntime.denoise (what the A1111 and Forge denoiser wrappers call) inside the WebUI's sampler
     loop: k-diffusion Euler on the DDIM sigma grid, CFG of the fused cond and uncond rows, the official
     background draws. It must land where the official code lands."""
-    from lib_migc.multidiffusion_runtime import Bootstrap, RegionPrompts, RegionRuntime
+    from lib_migc.modes.multidiffusion.runtime import Bootstrap, RegionPrompts, RegionRuntime
 
     d, model = case["data"], case["model"]
     dtype = torch.float64

@@ -15,9 +15,9 @@ import reference_migc
 from conftest import INSTANCES
 from helpers import build_family_unet
 from lib_migc import job
+from lib_migc.core.masks import MaskCache
+from lib_migc.core.unet_layers import attn2_layers
 from lib_migc.hosts import a1111, forge
-from lib_migc.masks import MaskCache
-from lib_migc.unet_layers import attn2_layers
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 

@@ -5,9 +5,9 @@ from safetensors.torch import load_file
 
 import reference_migc
 from helpers import load_shared_module
-from lib_migc.masks import MaskCache
-from lib_migc.modules import MIGCBlock
-from lib_migc.shading import InstanceConditioning, LayerShader, ShadingMode
+from lib_migc.core.masks import MaskCache
+from lib_migc.modes.migc.modules import MIGCBlock
+from lib_migc.modes.migc.shading import InstanceConditioning, LayerShader, ShadingMode
 
 CASE = "public_up16_512_2inst"
 

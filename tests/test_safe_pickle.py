@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from helpers import random_official_state
-from lib_migc import safe_pickle
-from lib_migc.checkpoint import load_migc_weights, read_state_dict
-from lib_migc.errors import CheckpointError
-from lib_migc.magicfusion_weights import load_unet_state
+from lib_migc.core import safe_pickle
+from lib_migc.core.errors import CheckpointError
+from lib_migc.modes.magicfusion.weights import load_unet_state
+from lib_migc.modes.migc.checkpoint import load_migc_weights, read_state_dict
 
 
 class _WritesAFile:

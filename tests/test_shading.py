@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import reference_migc
-from lib_migc.masks import MaskCache
-from lib_migc.modules import MIGCBlock
-from lib_migc.shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations
+from lib_migc.core.masks import MaskCache
+from lib_migc.modes.migc.modules import MIGCBlock
+from lib_migc.modes.migc.shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations
 
 C = 64  # small channel count: same code paths, fast on CPU
 CPU = torch.device("cpu")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lib_migc.structure_attention import (
+from lib_migc.modes.structure.attention import (
     Overlay, aligned, conjunction_sets, mean_value_context, overlays_from_spans, structure_attention,
 )
 

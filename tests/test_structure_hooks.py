@@ -10,13 +10,13 @@ import fake_webui
 from helpers import finish_job, start_job
 from conftest import INSTANCES
 from lib_migc import job
-from lib_migc.errors import MigcError
+from lib_migc.core.errors import MigcError
+from lib_migc.core.masks import MaskCache
+from lib_migc.core.unet_layers import attn2_layers
 from lib_migc.hosts import forge
+from lib_migc.modes.migc.shading import InstanceConditioning, LayerShader, ShadingMode
+from lib_migc.modes.structure.attention import Overlay, structured_forward
 from lib_migc.params import UI_FIELDS, MigcParams
-from lib_migc.shading import InstanceConditioning, LayerShader, ShadingMode
-from lib_migc.masks import MaskCache
-from lib_migc.structure_attention import Overlay, structured_forward
-from lib_migc.unet_layers import attn2_layers
 
 PROMPT = "a room with a red ball and a gray cat"
 PHRASES = ["a red ball", "a gray cat"]
@@ -143,7 +143,7 @@ def test_inside_migc_only_the_global_branch_changes(unet, text_model):
     context = model.get_learned_conditioning([PROMPT])
     masks = MaskCache.from_boxes([i["box"] for i in INSTANCES], 64, 64).for_tokens(64, x.device, x.dtype)
     overlays = expected_overlays(model)
-    from lib_migc.structure_attention import structured_heads
+    from lib_migc.modes.structure.attention import structured_heads
     with torch.no_grad():
         plain = shader(x, context, masks, ShadingMode.NAIVE)
         structured = shader(x, context, masks, ShadingMode.NAIVE,
@@ -223,7 +223,7 @@ def test_and_prompts_stop_the_job_with_a_clear_error(webui_modules, unet, text_m
 
 
 def test_the_value_context_is_built_once_per_unet_call(webui_modules, unet, text_model, monkeypatch):
-    import lib_migc.structure as structure
+    from lib_migc.modes.structure import method as structure
 
     calls = []
     real = structure.mean_value_context

@@ -1,7 +1,7 @@
 """The StructureDiffusion span finder on real CLIP BPE tokens, and the phrase sources."""
 import pytest
 
-from lib_migc.structure_spans import (
+from lib_migc.modes.structure.spans import (
     find_spans, phrases_from_descriptions, split_prompt, strip_prompt_syntax, vocab_from_tokenizer,
 )
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from helpers import build_unet, random_official_state
-from lib_migc.checkpoint import blocks_from_state
-from lib_migc.masks import MaskCache
-from lib_migc.patching import ForwardPatches
-from lib_migc.shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations
-from lib_migc.unet_layers import MIGC_LAYERS, attn2_layers
+from lib_migc.core.masks import MaskCache
+from lib_migc.core.patching import ForwardPatches
+from lib_migc.core.unet_layers import MIGC_LAYERS, attn2_layers
+from lib_migc.modes.migc.checkpoint import blocks_from_state
+from lib_migc.modes.migc.shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations
 
 BOXES = [(0.05, 0.1, 0.5, 0.9), (0.45, 0.2, 0.95, 0.7)]
 

@@ -2,7 +2,8 @@
 
 Each host module offers the same small surface: ``Hooks(session, on_error, is_current)`` with
 ``install(p)``, ``remove()``, ``on_cfg_step(step, steps, params)`` and ``installed``; ``unet_of(p)``;
-and ``decline_reason(p)`` for host-specific reasons not to run.
+``decline_reason(p)`` for host-specific reasons not to run; ``fusion_adapter()`` and ``region_adapter()``,
+the modules of MagicFusion's and MultiDiffusion's hooks on that host.
 """
 from __future__ import annotations
 
@@ -25,16 +26,3 @@ def current() -> ModuleType:
 
     return a1111
 
-
-def fusion_adapter(host: ModuleType) -> ModuleType | None:
-    """MagicFusion's adapter for ``host`` (it holds a second UNet, which each host does its own way)."""
-    name = host.__name__.rsplit(".", 1)[-1]
-    if name == "a1111":
-        from . import a1111_fusion
-
-        return a1111_fusion
-    if name == "forge":
-        from . import forge_fusion
-
-        return forge_fusion
-    return None

@@ -18,13 +18,14 @@ rows of ``x_in`` its call holds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from ..patching import ForwardPatches
-from ..unet_layers import attn2_layers
+from ..core.patching import ForwardPatches
+from ..core.unet_layers import attn2_layers
 from .base import HooksBase
 
 # ---------------------------------------------------------------------------------------- rows
@@ -93,6 +94,21 @@ def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     if getattr(shared, "loaded_hypernetworks", None):
         return f"{feature} was skipped: a hypernetwork is active, and hypernetworks change cross-attention in a way {feature} does not support."
     return None
+
+def fusion_adapter() -> ModuleType:
+    """MagicFusion's hooks on this host (model B is a second UNet, which each host runs its own way).
+    Modes reach host code only through the host module they are handed, never by importing it."""
+    from . import a1111_fusion
+
+    return a1111_fusion
+
+
+def region_adapter() -> ModuleType:
+    """MultiDiffusion's denoiser wrapper on this host."""
+    from . import a1111_multidiffusion
+
+    return a1111_multidiffusion
+
 
 
 class Hooks(HooksBase):

@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, MigcError
-from ..magicfusion_runtime import MODEL_B, FusionRuntime, blend_rows
-from ..magicfusion_weights import check_pair, load_unet_state, state_shapes
+from ..core.errors import CheckpointError, MigcError
+from ..modes.magicfusion.runtime import MODEL_B, FusionRuntime, blend_rows
+from ..modes.magicfusion.weights import check_pair, load_unet_state, state_shapes
 from .a1111 import RowCursor, unet_of
 
 

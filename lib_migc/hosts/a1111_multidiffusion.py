@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..multidiffusion_runtime import RegionRuntime
-from ..patching import ForwardPatches
+from ..core.patching import ForwardPatches
+from ..modes.multidiffusion.runtime import RegionRuntime
 from .a1111 import RowCursor
 
 

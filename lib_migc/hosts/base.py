@@ -7,8 +7,8 @@ from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
-from ..session import MigcSession
-from ..unet_layers import layer_sort_key
+from ..core.unet_layers import layer_sort_key
+from ..modes.migc.session import MigcSession
 
 
 class HooksBase:

@@ -24,14 +24,15 @@ and Forge keeps sampled clones after the job.
 """
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..shading import ShadingMode
-from ..unet_layers import attn2_layers, layer_name, split_layer_name
+from ..core.unet_layers import attn2_layers, layer_name, split_layer_name
+from ..modes.migc.shading import ShadingMode
 from .base import HooksBase, weak_patch
 
 
@@ -42,6 +43,21 @@ def unet_of(p: Any) -> nn.Module:
 
 def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     return None
+
+def fusion_adapter() -> ModuleType:
+    """MagicFusion's hooks on this host (model B is a second UNet, which each host runs its own way).
+    Modes reach host code only through the host module they are handed, never by importing it."""
+    from . import forge_fusion
+
+    return forge_fusion
+
+
+def region_adapter() -> ModuleType:
+    """MultiDiffusion's denoiser wrapper on this host."""
+    from . import forge_multidiffusion
+
+    return forge_multidiffusion
+
 
 
 def block_key(layer: str) -> tuple[str, int, int]:

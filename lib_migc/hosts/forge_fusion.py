@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
-from ..magicfusion_runtime import MODEL_B, FusionRuntime, blend_rows
-from ..magicfusion_weights import check_pair, load_unet_state, state_shapes
+from ..core.errors import CheckpointError
+from ..modes.magicfusion.runtime import MODEL_B, FusionRuntime, blend_rows
+from ..modes.magicfusion.weights import check_pair, load_unet_state, state_shapes
 from .base import weak_patch
 from .a1111_fusion import _checkpoint, model_b_info  # noqa: F401  (the checkpoint list is the same module in Forge)
 
@@ -161,7 +161,7 @@ class FusionHooks:
 
     def install(self, p: Any) -> None:
         if self.runtime.unet_b is None:
-            from ..errors import MigcError
+            from ..core.errors import MigcError
 
             raise MigcError("MagicFusion: model B \"same\" is not available on Forge yet; pick a second checkpoint.")
         clone = _patcher(p).clone()

@@ -5,7 +5,7 @@ bootstrapping needs a different *input* per box region, which entries cannot car
 so the wrapper would be needed anyway and would have to recognise regions by comparing contexts
 (ambiguous when two boxes share a description). The wrapper sees each batched model call with its
 ``cond_or_uncond`` marks, expands its rows into region rows through the same
-:class:`~lib_migc.multidiffusion_runtime.RegionRuntime` as on A1111, and returns the fused rows, so
+:class:`~lib_migc.modes.multidiffusion.runtime.RegionRuntime` as on A1111, and returns the fused rows, so
 Forge's ``calc_cond_uncond_batch`` and CFG never notice. ``apply_model`` works in k-space: the input
 is x, the timestep is sigma and the output is x0.
 """
@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import MigcError
-from ..multidiffusion_runtime import RegionRuntime
+from ..core.errors import MigcError
+from ..modes.multidiffusion.runtime import RegionRuntime
 from .base import weak_patch
 
 COND = 0

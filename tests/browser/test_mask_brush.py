@@ -1,7 +1,7 @@
 """The mask tools of the box editor (MIGC++) in a real browser: brush, eraser, undo, clear, upload.
 
 The hidden layout JSON holds each mask as a PNG data URL; the test decodes it with the product's own
-decoder (lib_migc.mask_codec, which Python uses for generation) and checks the painted pixels.
+decoder (lib_migc.core.mask_codec, which Python uses for generation) and checks the painted pixels.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from lib_migc.mask_codec import decode_mask, mask_to_box
+from lib_migc.core.mask_codec import decode_mask, mask_to_box
 
 from .test_box_editor import Editor, page  # noqa: F401  (the module-scoped page fixture)
 

@@ -195,10 +195,10 @@ test("state: loading JSON from outside is undoable and keeps the selection in ra
     assert.deepEqual(s.instances.map((i) => i.description), ["a", "b"], "a bad load changes nothing");
 });
 
-test("palette matches lib_migc/draw.py", () => {
+test("palette matches lib_migc/core/draw.py", () => {
     const fs = require("node:fs");
     const path = require("node:path");
-    const py = fs.readFileSync(path.join(__dirname, "..", "..", "lib_migc", "draw.py"), "utf8");
+    const py = fs.readFileSync(path.join(__dirname, "..", "..", "lib_migc", "core", "draw.py"), "utf8");
     const block = py.slice(py.indexOf("PALETTE = ["), py.indexOf("]", py.indexOf("PALETTE = [") + 12) + 1);
     const triples = [...block.matchAll(/\((\d+), (\d+), (\d+)\)/g)].map((m) => m.slice(1, 4).map(Number));
     assert.deepEqual(triples, C.PALETTE);

@@ -1,6 +1,6 @@
 """The MultiDiffusion region mode's part of a WebUI job: prompts, masks, bootstrapping, the hooks.
 
-Like :mod:`lib_migc.fusion_job` it is called by :mod:`lib_migc.job` at the same points as the other
+Like :mod:`lib_migc.modes.magicfusion.mode` it is called by :mod:`lib_migc.job` at the same points as the other
 modes; each host's wrapper lives in ``hosts/<host>_multidiffusion.py``.
 """
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from . import settings
-from .errors import MigcError
-from .masks import LATENT_FACTOR
-from .multidiffusion_runtime import COLOUR_POOL, Bootstrap, RegionPrompts, RegionRuntime, layout_region_masks
-from .params import MigcParams
-from .text_encoding import encode_conditioning, own_global_context
+from ...core import settings
+from ...core.errors import MigcError
+from ...core.masks import LATENT_FACTOR
+from ...core.text_encoding import encode_conditioning, own_global_context
+from ...params import MigcParams
+from .runtime import COLOUR_POOL, Bootstrap, RegionPrompts, RegionRuntime, layout_region_masks
 
 log = logging.getLogger("migc")
 
@@ -25,15 +25,8 @@ ROW_BYTES_PER_LATENT_PIXEL = 75_000
 
 
 def adapter(host: Any) -> Any:
-    """The host's MultiDiffusion adapter module."""
-    name = host.__name__.rsplit(".", 1)[-1]
-    if name == "forge":
-        from .hosts import forge_multidiffusion
-
-        return forge_multidiffusion
-    from .hosts import a1111_multidiffusion
-
-    return a1111_multidiffusion
+    """The host's MultiDiffusion adapter module (handed over by the host module, never imported here)."""
+    return host.region_adapter()
 
 
 def encode_prompts(p: Any, params: MigcParams) -> RegionPrompts:

@@ -29,10 +29,10 @@ selection commute with that affine map, but the saliency does not (it would be s
 :func:`snb_blend_denoised` measures saliency on ``ε = (x − D)/σ`` and selects between the two CFG'd
 denoised predictions.
 
-The fusion window and the user parameters live in :mod:`lib_migc.magicfusion_params` (torch-free, so
+The fusion window and the user parameters live in :mod:`lib_migc.modes.magicfusion.params` (torch-free, so
 the panel can show the fused step count without the model code).
 
-Loading model B's UNet lives in :mod:`lib_migc.magicfusion_weights`. Nothing here imports the WebUI.
+Loading model B's UNet lives in :mod:`lib_migc.modes.magicfusion.weights`. Nothing here imports the WebUI.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .masks import FeatureMasks
+from ...core.masks import FeatureMasks
 from .modules import SAC_PLUS_SLOTS, SAC_SLOTS, BlockType
 
 

@@ -12,9 +12,9 @@ import threading
 
 import torch
 
-from . import host_memory
+from ...core import host_memory
+from ...core.errors import CheckpointError
 from .checkpoint import MigcWeights, load_migc_weights
-from .errors import CheckpointError
 from .weight_files import list_weight_files
 
 HASH_CHARS = 10  # the WebUI's short-hash length

@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .layout import Layout
-from .masks import LATENT_FACTOR, fitted_mask
-from .multidiffusion import bootstrap_inputs, bootstrap_inputs_sigma, fuse_rows, pixel_boxes, region_masks
+from ...core.layout import Layout
+from ...core.masks import LATENT_FACTOR, fitted_mask
+from .method import bootstrap_inputs, bootstrap_inputs_sigma, fuse_rows, pixel_boxes, region_masks
 
 #: Candidate background colours for bootstrapping (the official code draws one per bootstrapping step).
 COLOUR_POOL = 20

@@ -10,13 +10,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .errors import MigcError
-from .hosts import fusion_adapter
-from .magicfusion_params import SAME
-from .params import has_and_subprompts
-from .magicfusion_runtime import MODEL_B, FusionRuntime
+from ...core.errors import MigcError
+from ...params import has_and_subprompts
+from .params import SAME
+from .runtime import MODEL_B, FusionRuntime
 
 log = logging.getLogger("migc")
+
+
+def _adapter(host: Any) -> Any:
+    """The host's MagicFusion hooks module, or None where the host has none."""
+    adapter = getattr(host, "fusion_adapter", None)
+    return adapter() if adapter is not None else None
 
 
 def decline_reason(p: Any, host: Any) -> str | None:
@@ -25,7 +30,7 @@ def decline_reason(p: Any, host: Any) -> str | None:
     if not getattr(model, "is_sd1", False):
         return ("MagicFusion was skipped: it pairs two SD1.x checkpoints (same latent space and text context), and the "
                 "loaded model is not SD1.x.")
-    if fusion_adapter(host) is None:
+    if _adapter(host) is None:
         return "MagicFusion was skipped: this WebUI is not supported."
     return None
 
@@ -45,7 +50,7 @@ def model_b_hash(p: Any, host: Any, title: str) -> str | None:
     """The short hash recorded in the infotext ('same': none)."""
     if title == SAME:
         return None
-    return fusion_adapter(host).model_b_info(title)[1]
+    return _adapter(host).model_b_info(title)[1]
 
 
 def free_model_b() -> None:
@@ -59,7 +64,7 @@ def install(job: Any, hr_pass: bool) -> Any:
     from modules import devices
 
     p, params = job.p, job.params.magicfusion
-    adapter = fusion_adapter(job.host)
+    adapter = _adapter(job.host)
     unet_b = None
     if params.model_b != SAME:
         unet_b, _, _ = adapter.load_model_b(p, params.model_b)

@@ -2,7 +2,7 @@
 
 Nested under ``"magicfusion"`` in the API dict and the infotext, and appended to the panel's fields,
 like StructureDiffusion. Torch-free (the panel imports it): the blend itself is
-:mod:`lib_migc.magicfusion`.
+:mod:`lib_migc.modes.magicfusion.method`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import MigcError
+from ...core.errors import MigcError
 
 #: Window modes, by the official ``merge_mode`` number they correspond to.
 A_THEN_SNB = "A-then-SNB"  # official mode 1: t > switch_t -> A only; t <= switch_t -> SNB

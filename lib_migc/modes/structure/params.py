@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import MigcError
+from ...core.errors import MigcError
 
 MODES = ("default", "conjunction")
 SOURCES = ("instances", "auto")

@@ -3,7 +3,7 @@
 The official ``MIGC_SD14.ckpt`` is a torch pickle ``{"state_dict": {...}}`` whose keys name positions in
 the CompVis UNet and contain the token ``migc``; the sub-key of a layer's block is everything after that
 token. Community conversions use diffusers block names instead. Keys are parsed by their tokens (block
-kind, block index, ``migc``), never by a fixed prefix. A pickle is read by :mod:`lib_migc.safe_pickle`
+kind, block index, ``migc``), never by a fixed prefix. A pickle is read by :mod:`lib_migc.core.safe_pickle`
 (an allow-list unpickler of our own, whatever the host's torch), never by ``torch.load``, unless the
 user explicitly converts a file with ``--trust``.
 
@@ -22,10 +22,10 @@ from typing import Mapping
 
 import torch
 
-from . import safe_pickle
-from .errors import CheckpointError
+from ...core import safe_pickle
+from ...core.errors import CheckpointError
+from ...core.unet_layers import layer_sort_key
 from .modules import BlockType, block_class, expected_state_shapes
-from .unet_layers import layer_sort_key
 from .weight_files import SAFE_SUFFIXES
 
 KIND_MIGC = "migc"

@@ -101,7 +101,7 @@ def structured_heads(
 ) -> torch.Tensor:
     """Per-head attention output (B, h, HW, d) of query heads ``q`` against the structured prompt.
 
-    The same result :class:`lib_migc.shading.LayerShader` needs for MIGC's global branch and the plain
+    The same result :class:`lib_migc.modes.migc.shading.LayerShader` needs for MIGC's global branch and the plain
     layers need before ``to_out``; softmax runs in SDPA (fp32 accumulation for half inputs).
     ``value``: ``Ē`` already built for ``full`` (default mode), so the layers of one UNet call share it.
     """

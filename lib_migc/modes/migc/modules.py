@@ -2,7 +2,7 @@
 
 Written from the method description (docs/migc-spec.md), not from the official code. The modules hold
 weights and give a plain, readable ``forward`` for the small pieces (box embedding, CBAM gates); the
-fast, batched per-layer computation that uses them lives in :mod:`lib_migc.shading`.
+fast, batched per-layer computation that uses them lives in :mod:`lib_migc.modes.migc.shading`.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .masks import LATENT_FACTOR
+from ...core.masks import LATENT_FACTOR
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

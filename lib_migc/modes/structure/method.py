@@ -17,11 +17,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import MigcError
-from .structure_attention import CHUNK_TOKENS, Overlay, mean_value_context, structured_forward, structured_heads
-from .params import has_and_subprompts
-from .structure_params import StructureParams
-from .structure_spans import find_spans, phrases_from_descriptions, split_prompt, vocab_from_tokenizer
+from ...core.errors import MigcError
+from ...params import has_and_subprompts
+from .attention import CHUNK_TOKENS, Overlay, mean_value_context, structured_forward, structured_heads
+from .params import StructureParams
+from .spans import find_spans, phrases_from_descriptions, split_prompt, vocab_from_tokenizer
 
 log = logging.getLogger("migc")
 

@@ -12,11 +12,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ...core.masks import FeatureMasks, MaskCache
+from ...params import MigcParams, step_limit
+from ..structure.method import StructureRuntime
 from .checkpoint import MigcWeights
-from .masks import FeatureMasks, MaskCache
-from .params import MigcParams, step_limit
 from .shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations, sac_slots
-from .structure import StructureRuntime
 
 PlainForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

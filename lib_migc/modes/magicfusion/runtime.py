@@ -15,9 +15,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import host_memory
-from .magicfusion import select_by_mask, snb_mask
-from .magicfusion_params import FusionParams, fused_at_timestep
+from ...core import host_memory
+from .method import select_by_mask, snb_mask
+from .params import FusionParams, fused_at_timestep
 
 
 class ModelBCache:
@@ -86,7 +86,7 @@ class FusionRuntime:
             return context
         prompt = self.prompt_b.to(device=context.device, dtype=context.dtype)
         if prompt.shape[0] != context.shape[1]:
-            from .errors import MigcError
+            from ...core.errors import MigcError
 
             raise MigcError(f"MagicFusion: prompt B takes {prompt.shape[0] // 77} chunk(s) of 75 tokens but the main prompt "
                             f"takes {context.shape[1] // 77}; make them the same length class (e.g. add BREAK or shorten one).")

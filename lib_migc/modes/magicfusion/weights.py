@@ -3,7 +3,7 @@ check that it pairs with the loaded model.
 
 SNB uses only B's UNet (A's text encoder and VAE serve both, as in the official fused run), so the
 text encoder and VAE of B's file are never materialised; a pickle is read by the allow-list unpickler
-(:mod:`lib_migc.safe_pickle`), so no code in it runs on any torch version. Nothing here imports the WebUI.
+(:mod:`lib_migc.core.safe_pickle`), so no code in it runs on any torch version. Nothing here imports the WebUI.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import read_pickle
-from .errors import CheckpointError, MigcError
+from ...core.errors import CheckpointError, MigcError
+from ..migc.checkpoint import read_pickle
 
 SD1_CONTEXT_DIM = 768
 UNET_PREFIX = "model.diffusion_model."
