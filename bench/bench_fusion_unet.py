@@ -71,7 +71,7 @@ def main() -> None:
     x = torch.randn((1, 4, height // 8, width // 8), generator=g).to(device, dtype)
     ctx = torch.randn((2, 77, 768), generator=g).to(device, dtype)
     sigma = 2.0
-    p = SimpleNamespace(sd_model=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet_a)))
+    p = SimpleNamespace(sd_model=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet_a)), cfg_scale=GUIDANCE)
 
     def cfg_step(hooks: FusionHooks | None, t: float) -> None:
         if hooks is None:
@@ -82,7 +82,7 @@ def main() -> None:
         sigma_in = torch.full((2,), sigma, device=device, dtype=dtype)
         if hooks is not None:
             params = SimpleNamespace(x=x_in, sigma=sigma_in, text_cond=ctx[:1], text_uncond=ctx[1:], denoiser=None)
-            hooks.on_cfg_step(params, GUIDANCE)
+            hooks.on_cfg_step(0, 1, params)
         with torch.no_grad():
             eps = unet_a(x_in / (sigma ** 2 + 1) ** 0.5, torch.full((2,), t, device=device), context=ctx)
             x_out = x_in - sigma * eps

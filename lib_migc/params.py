@@ -204,3 +204,20 @@ def with_descriptions_appended(prompt: str, descriptions: Sequence[str]) -> str:
 def has_and_subprompts(prompt: str) -> bool:
     """Whether the WebUI will split ``prompt`` into AND sub-prompts (its own rule: the word AND, upper case)."""
     return re.search(r"\bAND\b", prompt or "") is not None
+
+
+def asks_for_anything(args: tuple) -> bool:
+    """Whether the raw arguments enable MIGC, StructureDiffusion or MagicFusion, even when otherwise invalid."""
+    if not args:
+        return False
+    first = args[0]
+    if isinstance(first, dict):
+        parts = [first.get(name) for name in ("structure", "magicfusion")]
+        return first.get("enabled", True) is not False or any(d is not None and (not isinstance(d, dict) or d.get("enabled", True) is not False) for d in parts)
+    # Anything but an explicit off (false/null) counts as asking: a wrong type then gets its 4xx message.
+    switches = [UI_FIELDS.index(name) for name in ("structure_enabled", "fusion_enabled")]
+    return _switch_on(first) or any(len(args) > i and _switch_on(args[i]) for i in switches)
+
+
+def _switch_on(value: Any) -> bool:
+    return value is not None and value is not False

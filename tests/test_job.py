@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib_migc.job import sampler_step
+from lib_migc.hosts.base import sampler_step
 from lib_migc.params import step_limit, with_descriptions_appended
 
 

@@ -186,7 +186,7 @@ def test_any_exception_while_reading_the_arguments_is_a_4xx_not_a_silent_plain_i
 
 
 def test_an_unexpected_failure_while_starting_is_reported_as_500(webui_modules, unet, text_model, monkeypatch):
-    monkeypatch.setattr(job, "_effective", lambda *a: (_ for _ in ()).throw(KeyError("sd_checkpoint_info")))
+    monkeypatch.setattr(job, "effective_params", lambda *a: (_ for _ in ()).throw(KeyError("sd_checkpoint_info")))
     p = a1111_p(unet, text_model)
     start_job(p, migc_args())
     with pytest.raises(MigcError) as info:
@@ -229,7 +229,9 @@ def test_forges_kept_clones_hold_nothing_of_a_finished_job(webui_modules, unet, 
         start_job(p, migc_args(**data), forge)
         fake_forge.sampling_prepare(p.sd_model.forge_objects.unet)
         active = job.active_job()
-        held = [weakref.ref(active.session)] + ([weakref.ref(active.regions.runtime)] if active.regions else [])
+        regions = active.hooks.get("multidiffusion")
+        held = [weakref.ref(active.session)] + ([weakref.ref(regions.runtime)] if regions else [])
+        del regions
         del active
         finish_job(p)
         sampled = p.sd_model.forge_objects.unet

@@ -152,7 +152,7 @@ def test_a1111_wrapper_is_the_literal_region_method(webui_modules, unets, text_m
     level = torch.tensor([3.0, 3.0])
     _start(p, _data())
     out = _cfg_call(p, x, level, cond, uncond, step=0)
-    runtime = job.active_job().regions.runtime
+    runtime = job.active_job().hooks["multidiffusion"].runtime
     assert runtime.calls == 1 and runtime.space == "k"  # all region rows in one batched call
     _finish(p)
     torch.testing.assert_close(out, _reference(p, x, level, cond, uncond), rtol=1e-4, atol=1e-5)
@@ -167,7 +167,7 @@ def test_bootstrapping_and_per_region_negatives_in_k_space(webui_modules, unets,
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     boxes = [dict(BOXES[0], negative="green"), BOXES[1]]
     _start(p, _data(instances=boxes, md_bootstrap=0.2), noise=noise)
-    boot = job.active_job().regions.runtime.bootstrap
+    boot = job.active_job().hooks["multidiffusion"].runtime.bootstrap
     assert boot is not None and boot.steps == 2
     outs = {step: _cfg_call(p, x, torch.tensor([2.5]), cond, uncond, step) for step in (1, 2)}
     _finish(p)
@@ -185,7 +185,7 @@ def test_timesteps_samplers_bootstrap_in_vp_space(webui_modules, unets, text_mod
     x, cond, uncond = _inputs(model)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
     _start(p, _data(md_bootstrap=0.5), noise=noise)
-    runtime = job.active_job().regions.runtime
+    runtime = job.active_job().hooks["multidiffusion"].runtime
     out = _cfg_call(p, x, torch.tensor([601]), cond, uncond, step=0)
     _finish(p)
     assert runtime.space == "vp"
@@ -204,7 +204,7 @@ def test_chunked_calls_give_the_one_call_result(webui_modules, unets, text_model
         p = _p(model, KDenoiser, batch=2)
         _start(p, _data())
         results.append(_cfg_call(p, x, torch.tensor([3.0, 3.0]), cond, uncond, step=0))
-        calls = job.active_job().regions.runtime.calls
+        calls = job.active_job().hooks["multidiffusion"].runtime.calls
         _finish(p)
     expanded = 2 * 3 + 2  # cond rows: 3 regions each; uncond rows share the negative: once each
     assert calls == -(-expanded // rows)

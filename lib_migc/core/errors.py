@@ -7,6 +7,10 @@ is what the browser shows, so all three carry the same actionable message.
 """
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger("migc")
+
 
 class MigcError(ValueError):
     """A problem the user can act on: bad layout, missing or wrong weights, unsupported model."""
@@ -23,3 +27,19 @@ class LayoutError(MigcError):
 
 class CheckpointError(MigcError):
     """A weights file is missing, unsafe to load, or does not have the MIGC key/shape layout."""
+
+
+def argument_error(exc: Exception) -> MigcError:
+    """Any failure to read the script's arguments, as the 4xx error the job stops with."""
+    if isinstance(exc, MigcError):
+        return exc
+    return MigcError(f"MIGC: the script arguments could not be read ({type(exc).__name__}: {str(exc)[:300]}); "
+                     "see the README's API section for the dict and list forms.")
+
+
+def unexpected_error(what: str, exc: Exception) -> MigcError:
+    """A failure that is not the user's input: logged with its traceback, reported as a 500 with the message."""
+    if isinstance(exc, MigcError):
+        return exc
+    log.exception("%s", what)
+    return MigcError(f"{what}: {type(exc).__name__}: {str(exc)[:300]}", status_code=500)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..core.patching import ForwardPatches
 from ..core.unet_layers import attn2_layers
-from .base import HooksBase
+from .base import HooksBase, companion
 
 # ---------------------------------------------------------------------------------------- rows
 @dataclass
@@ -95,20 +95,15 @@ def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
         return f"{feature} was skipped: a hypernetwork is active, and hypernetworks change cross-attention in a way {feature} does not support."
     return None
 
-def fusion_adapter() -> ModuleType:
-    """MagicFusion's hooks on this host (model B is a second UNet, which each host runs its own way).
-    Modes reach host code only through the host module they are handed, never by importing it."""
-    from . import a1111_fusion
 
-    return a1111_fusion
+def fusion_adapter() -> ModuleType:
+    """MagicFusion's hooks on this host; modes reach host code only through the host module they are handed."""
+    return companion(__name__, "fusion")
 
 
 def region_adapter() -> ModuleType:
     """MultiDiffusion's denoiser wrapper on this host."""
-    from . import a1111_multidiffusion
-
-    return a1111_multidiffusion
-
+    return companion(__name__, "multidiffusion")
 
 
 class Hooks(HooksBase):

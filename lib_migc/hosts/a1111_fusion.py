@@ -76,11 +76,21 @@ def load_model_b(p: Any, title: str) -> tuple[nn.Module, str, str | None]:
     return (unet_b, *model_b_info(title))
 
 
+def guidance_of(params: Any, cfg_scale: float) -> float:
+    """The CFG scale the denoiser uses this step (A1111: the sampler's cond_scale times its multiplier)."""
+    denoiser = getattr(params, "denoiser", None)
+    extra = getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", None)
+    if isinstance(extra, dict) and "cond_scale" in extra:
+        return float(extra["cond_scale"]) * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
+    return cfg_scale
+
+
 class FusionHooks:
     """The ride-along of one sampling pass; :meth:`remove` restores A's UNet exactly."""
 
     def __init__(self, runtime: FusionRuntime, is_current: Callable[[], bool] = lambda: True) -> None:
         self.runtime = runtime
+        self.cfg_scale = 7.0
         self.is_current = is_current
         self.rows = RowCursor()
         self.unet: nn.Module | None = None
@@ -94,6 +104,7 @@ class FusionHooks:
 
     def install(self, p: Any) -> None:
         self.remove()
+        self.cfg_scale = float(getattr(p, "cfg_scale", 7.0))
         unet = unet_of(p)
         self.previous = unet.__dict__.get("forward")
         unet.forward = self._forward_for(unet)
@@ -135,8 +146,9 @@ class FusionHooks:
         return forward
 
     # ------------------------------------------------------------------ CFG callbacks
-    def on_cfg_step(self, params: Any, guidance: float) -> None:
+    def on_cfg_step(self, step: int, steps: int, params: Any) -> None:
         """``on_cfg_denoiser``: remember this step's rows, σ and guidance; start a new stash."""
+        guidance = guidance_of(params, self.cfg_scale)
         text_cond, uncond = params.text_cond, params.text_uncond
         self.stash = []
         if not isinstance(text_cond, torch.Tensor) or not isinstance(uncond, torch.Tensor):

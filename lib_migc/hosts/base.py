@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import weakref
+from types import ModuleType
 from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
 from ..core.unet_layers import layer_sort_key
-from ..modes.migc.session import MigcSession
 
 
 class HooksBase:
-    """``on_error`` runs before a pending error is raised; ``is_current`` tells whether the job that
-    installed the hooks is still running (hooks left behind by a failed job then step aside)."""
+    """``session``: the attn2 processor of the pass (the job's attention session, or a chain of processors,
+    :mod:`lib_migc.core.attention_chain`); ``on_error`` runs before a pending error is raised;
+    ``is_current`` tells whether the job that installed the hooks is still running (hooks left behind by a
+    failed job then step aside)."""
 
     def __init__(
         self,
-        session: MigcSession,
+        session: Any,
         on_error: Callable[[], None] | None = None,
         is_current: Callable[[], bool] = lambda: True,
     ) -> None:
@@ -88,3 +91,43 @@ def weak_patch(owner: Any, method: Callable[..., Any], inert: Callable[..., Any]
             raise
 
     return call
+
+
+def sampler_step(params: Any) -> tuple[int, int]:
+    """(step index, steps) of the sampler for a CFG-denoiser call.
+
+    ``params.sampling_step`` is the WebUI's progress counter, which the sampler's callback updates only
+    after a step: during step i it still says i-1. The denoiser counts its own model evaluations
+    (``step``, out of ``total_steps``, twice per step for second-order samplers), which maps onto the
+    sampler's step exactly for one-evaluation samplers and proportionally otherwise.
+    """
+    steps = max(int(params.total_sampling_steps), 1)
+    denoiser = getattr(params, "denoiser", None)
+    evaluation, evaluations = getattr(denoiser, "step", None), getattr(denoiser, "total_steps", None)
+    if isinstance(evaluation, int) and isinstance(evaluations, int) and evaluations > 0:
+        return min(steps - 1, evaluation * steps // evaluations), steps
+    return int(params.sampling_step), steps
+
+
+def companion(host_module: str, part: str) -> ModuleType:
+    """A host's module for one mode's hooks (``hosts.<host>_<part>``), imported when a job first needs it."""
+    return importlib.import_module(f"{host_module}_{part}")
+
+
+class ClonePatches:
+    """What a Forge pass's patches share: installed on a clone of the job's UnetPatcher, made inert by
+    :meth:`remove` (Forge drops the clone itself), ``live`` only while their job is the current one."""
+
+    def __init__(self, is_current: Callable[[], bool] = lambda: True) -> None:
+        self.is_current = is_current
+        self._active = False
+
+    @property
+    def installed(self) -> bool:
+        return self._active
+
+    def live(self) -> bool:
+        return self._active and self.is_current()
+
+    def remove(self) -> None:
+        self._active = False

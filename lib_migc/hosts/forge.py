@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..core.unet_layers import attn2_layers, layer_name, split_layer_name
 from ..modes.migc.shading import ShadingMode
-from .base import HooksBase, weak_patch
+from .base import HooksBase, companion, weak_patch
 
 
 def unet_of(p: Any) -> nn.Module:
@@ -45,19 +45,13 @@ def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     return None
 
 def fusion_adapter() -> ModuleType:
-    """MagicFusion's hooks on this host (model B is a second UNet, which each host runs its own way).
-    Modes reach host code only through the host module they are handed, never by importing it."""
-    from . import forge_fusion
-
-    return forge_fusion
+    """MagicFusion's hooks on this host; modes reach host code only through the host module they are handed."""
+    return companion(__name__, "fusion")
 
 
 def region_adapter() -> ModuleType:
     """MultiDiffusion's denoiser wrapper on this host."""
-    from . import forge_multidiffusion
-
-    return forge_multidiffusion
-
+    return companion(__name__, "multidiffusion")
 
 
 def block_key(layer: str) -> tuple[str, int, int]:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..core.errors import CheckpointError
 from ..modes.magicfusion.runtime import MODEL_B, FusionRuntime, blend_rows
 from ..modes.magicfusion.weights import check_pair, load_unet_state, state_shapes
-from .base import weak_patch
+from .base import ClonePatches, weak_patch
 from .a1111_fusion import _checkpoint, model_b_info  # noqa: F401  (the checkpoint list is the same module in Forge)
 
 
@@ -140,24 +140,16 @@ def _keep_denoised(args: dict) -> torch.Tensor:
     return args["denoised"]
 
 
-class FusionHooks:
+class FusionHooks(ClonePatches):
     """The conditioning modifier and post-CFG function of one pass, on a clone of the job's UnetPatcher.
 
     Both reach these hooks through a weak reference: Forge keeps sampled clones after the job, and they
     must not keep the runtime alive (B leaves them with :func:`forget_in_forge_memory`)."""
 
     def __init__(self, runtime: FusionRuntime, is_current: Callable[[], bool] = lambda: True) -> None:
+        super().__init__(is_current)
         self.runtime = runtime
-        self.is_current = is_current
-        self._active = False
         self._scale: float | None = None
-
-    @property
-    def installed(self) -> bool:
-        return self._active
-
-    def live(self) -> bool:
-        return self._active and self.is_current()
 
     def install(self, p: Any) -> None:
         if self.runtime.unet_b is None:
@@ -170,9 +162,6 @@ class FusionHooks:
         clone.add_extra_torch_module_during_sampling(self.runtime.unet_b, cast_to_unet_dtype=False)  # B is in A's dtype already
         p.sd_model.forge_objects.unet = clone
         self._active = True
-
-    def remove(self) -> None:
-        self._active = False
 
     def _record_scale(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):  # noqa: ANN001, ANN202
         """Conditioning modifier: the CFG scale of this step, after Forge's own changes to it."""
@@ -197,7 +186,7 @@ class FusionHooks:
                    images, scale, runtime.params, b_denoised=True)
         return denoised + (guided(rows[:images], rows[images:], scale) - guided(args["cond_denoised"], uncond_pred, scale))
 
-    def on_cfg_step(self, params: Any, guidance: float) -> None:
+    def on_cfg_step(self, step: int, steps: int, params: Any) -> None:
         pass
 
     def on_cfg_denoised(self, params: Any) -> None:

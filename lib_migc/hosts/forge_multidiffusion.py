@@ -17,7 +17,7 @@ import torch
 
 from ..core.errors import MigcError
 from ..modes.multidiffusion.runtime import RegionRuntime
-from .base import weak_patch
+from .base import ClonePatches, weak_patch
 
 COND = 0
 
@@ -36,24 +36,16 @@ def _transformer_options(options: dict, is_cond: list[bool]) -> dict:
     return out
 
 
-class RegionHooks:
+class RegionHooks(ClonePatches):
     """The model-function wrapper of one sampling pass, on a clone of the job's UnetPatcher."""
 
     def __init__(self, runtime: RegionRuntime, is_current: Callable[[], bool] = lambda: True,
                  raise_pending: Callable[[], None] = lambda: None) -> None:
+        super().__init__(is_current)
         self.runtime = runtime
         self.runtime.space = "k"
-        self.is_current = is_current
         self.raise_pending = raise_pending
         self.step = 0
-        self._active = False
-
-    @property
-    def installed(self) -> bool:
-        return self._active
-
-    def live(self) -> bool:
-        return self._active and self.is_current()
 
     def install(self, p: Any) -> None:
         patcher = p.sd_model.forge_objects.unet
@@ -64,9 +56,6 @@ class RegionHooks:
         clone.set_model_unet_function_wrapper(weak_patch(self, RegionHooks._wrapper, _plain_call))
         p.sd_model.forge_objects.unet = clone
         self._active = True
-
-    def remove(self) -> None:
-        self._active = False
 
     def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
         self.step = step

@@ -75,11 +75,19 @@ def _img2img(webui, image, args=None):
 
 
 def test_img2img_with_migc_changes_the_image_deterministically(webui, plain_before):
+    """Forge encodes the init image by sampling the VAE posterior with the unseeded global RNG, so its own
+    plain img2img differs from run to run (by under 1 grey level on average with this random VAE); there
+    MIGC must be as repeatable as plain, and its effect must stand far above that noise. A1111 is exact."""
     first, second = _img2img(webui, plain_before, [MIGC]), _img2img(webui, plain_before, [MIGC])
-    plain = _img2img(webui, plain_before)
+    plain, plain_again = _img2img(webui, plain_before), _img2img(webui, plain_before)
     assert "MIGC:" in first["info"]
-    assert (pixels(first["images"][0]) == pixels(second["images"][0])).all()
-    assert abs(pixels(first["images"][0]) - pixels(plain["images"][0])).mean() > 1.0
+    host_noise = abs(pixels(plain["images"][0]).astype(float) - pixels(plain_again["images"][0])).mean()
+    repeat = abs(pixels(first["images"][0]).astype(float) - pixels(second["images"][0])).mean()
+    if host_noise == 0:
+        assert repeat == 0
+    else:
+        assert repeat <= 3 * host_noise + 0.5, (repeat, host_noise)
+    assert abs(pixels(first["images"][0]).astype(float) - pixels(plain["images"][0])).mean() > max(1.0, 5 * host_noise)
 
 
 def test_hires_with_migc_in_the_hires_pass_differs_from_hires_without(webui):

@@ -8,10 +8,13 @@ the session's pending error, raised by the first hooked UNet call like MIGC's ow
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from types import ModuleType
 from typing import Any
 
 from ...core.errors import MigcError
-from ...params import has_and_subprompts
+from ...params import MigcParams, has_and_subprompts
+from ..base import Mode
 from .params import SAME
 from .runtime import MODEL_B, FusionRuntime
 
@@ -73,15 +76,40 @@ def install(job: Any, hr_pass: bool) -> Any:
         with devices.autocast():
             cond = p.sd_model.get_learned_conditioning([params.prompt_b])
         prompt_b = (cond["crossattn"] if isinstance(cond, dict) else cond)[0].detach()
-    hooks = adapter.FusionHooks(FusionRuntime(params, unet_b, prompt_b), is_current=lambda: job.fusion is hooks)
+    hooks = adapter.FusionHooks(FusionRuntime(params, unet_b, prompt_b), is_current=lambda: job.is_current(hooks))
     hooks.install(p)
     return hooks
 
 
-def guidance_of(params: Any, p: Any) -> float:
-    """The CFG scale the denoiser uses this step (A1111: the sampler's cond_scale times its multiplier)."""
-    denoiser = getattr(params, "denoiser", None)
-    extra = getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", None)
-    if isinstance(extra, dict) and "cond_scale" in extra:
-        return float(extra["cond_scale"]) * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
-    return float(getattr(p, "cfg_scale", 7.0))
+class MagicFusionMode(Mode):
+    """A second SD1.x checkpoint's predictions blended in by saliency, beside the other modes or alone."""
+
+    name, title = "magicfusion", "MagicFusion"
+
+    def asked(self, params: MigcParams) -> bool:
+        return params.magicfusion.enabled
+
+    def turned_off(self, params: MigcParams) -> MigcParams:
+        return replace(params, magicfusion=replace(params.magicfusion, enabled=False))
+
+    def decline(self, p: Any, host: ModuleType, params: MigcParams) -> str | None:
+        return decline_reason(p, host)
+
+    def start(self, job: Any) -> None:
+        check_job(job.p, job.params)
+        job.infotext["model_b_hash"] = model_b_hash(job.p, job.host, job.params.magicfusion.model_b)
+
+    def release_unused(self, params: MigcParams | None) -> None:
+        if params is None or not params.magicfusion.enabled:
+            free_model_b()
+
+    def on_model_loaded(self, sd_model: Any) -> None:
+        free_model_b()
+
+    def runs_in_pass(self, params: MigcParams, hr_pass: bool) -> bool:
+        return not hr_pass or params.magicfusion.hires
+
+    def begin_pass(self, job: Any, hr_pass: bool, noise: Any) -> Any:
+        if not self.runs_in_pass(job.params, hr_pass):
+            return None
+        return install(job, hr_pass)

@@ -6,15 +6,20 @@ modes; each host's wrapper lives in ``hosts/<host>_multidiffusion.py``.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from ...core import settings
 from ...core.errors import MigcError
+from ...core.families import model_family
 from ...core.masks import LATENT_FACTOR
 from ...core.text_encoding import encode_conditioning, own_global_context
-from ...params import MigcParams
+from ...params import MODE_MULTIDIFFUSION, MigcParams
+from ..base import Mode
+from ..migc.mode import fit_layout_masks
 from .runtime import COLOUR_POOL, Bootstrap, RegionPrompts, RegionRuntime, layout_region_masks
 
 log = logging.getLogger("migc")
@@ -75,7 +80,7 @@ def chunk_rows(p: Any, latent_hw: tuple[int, int], dtype: torch.dtype) -> int:
     return max(2, int(0.8 * free / per_row))
 
 
-def build_runtime(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> RegionRuntime:
+def build_runtime(job: Any, hr_pass: bool, noise: torch.Tensor | None, prompts: RegionPrompts) -> RegionRuntime:
     """Masks at this pass's size; bootstrapping only in a txt2img first pass (x_T is pure noise there)."""
     p, params = job.p, job.params
     width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
@@ -88,16 +93,17 @@ def build_runtime(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> Region
         bootstrap = Bootstrap(colour_latents(p, p.seeds[0]), noise.detach(), list(p.seeds), boot_steps)
     reference = next(job.host.unet_of(p).parameters())
     latent = (height // LATENT_FACTOR, width // LATENT_FACTOR)
-    return RegionRuntime(masks, job.region_prompts, bootstrap, alphas_cumprod=getattr(p.sd_model, "alphas_cumprod", None),
+    return RegionRuntime(masks, prompts, bootstrap, alphas_cumprod=getattr(p.sd_model, "alphas_cumprod", None),
                          chunk_rows=chunk_rows(p, latent, reference.dtype))
 
 
 def install(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> Any:
     """Encode (once per job), build this pass's runtime and install the host's wrapper; returns the hooks."""
-    if job.region_prompts is None:
-        job.region_prompts = encode_prompts(job.p, job.params)
-    runtime = build_runtime(job, hr_pass, noise)
-    hooks = adapter(job.host).RegionHooks(runtime, is_current=lambda: job.regions is hooks)
+    prompts = job.state.get(MODE_MULTIDIFFUSION)
+    if prompts is None:
+        prompts = job.state[MODE_MULTIDIFFUSION] = encode_prompts(job.p, job.params)  # once per job
+    runtime = build_runtime(job, hr_pass, noise, prompts)
+    hooks = adapter(job.host).RegionHooks(runtime, is_current=lambda: job.is_current(hooks))
     hooks.install(job.p)
     return hooks
 
@@ -107,3 +113,37 @@ def check_job(p: Any) -> None:
     if getattr(p, "image_mask", None) is not None:
         raise MigcError("MultiDiffusion regions do not combine with inpainting masks yet; use the naive or migc mode, "
                         "or remove the inpainting mask.")
+
+
+class MultiDiffusionMode(Mode):
+    """Each box its own prompt through the whole denoiser, fused per pixel (``mode: multidiffusion``, any family)."""
+
+    name, title = MODE_MULTIDIFFUSION, "MultiDiffusion"
+    excludes = ("structure", "magicfusion")
+    exclusion_reason = ("MultiDiffusion runs each box as its own prompt, which they do not combine with; use the migc "
+                        "or naive mode to combine them.")
+
+    def asked(self, params: MigcParams) -> bool:
+        return params.enabled and params.mode == MODE_MULTIDIFFUSION and len(params.layout) > 0
+
+    def turned_off(self, params: MigcParams) -> MigcParams:
+        return replace(params, enabled=False)
+
+    def decline(self, p: Any, host: ModuleType, params: MigcParams) -> str | None:
+        if model_family(p.sd_model) is None:
+            return (f"MIGC ({params.mode} mode) was skipped: it supports SD1.x, SD2.x and SDXL checkpoints, and this "
+                    "model has another architecture, so the image was generated without it.")
+        return None
+
+    def start(self, job: Any) -> None:
+        fit_layout_masks(job)
+        check_job(job.p)
+
+    def runs_in_pass(self, params: MigcParams, hr_pass: bool) -> bool:
+        return not hr_pass or params.hires
+
+    def begin_pass(self, job: Any, hr_pass: bool, noise: Any) -> Any:
+        if not self.runs_in_pass(job.params, hr_pass):
+            return None
+        with torch.no_grad():
+            return install(job, hr_pass, noise)
