@@ -247,3 +247,21 @@ def fake_forge_p(unet, text_model):
     p = fake_webui.FakeProcessing(fake_forge.ForgeSDModel(unet, text_model), seeds=[100], prompts=["a room"])
     p.steps = 4
     return p
+
+
+# ------------------------------------------------------------------ the user's random state
+def test_loading_the_weights_or_model_b_leaves_the_global_rng_where_it_was(webui_modules):
+    """Both WebUIs draw from the global RNG (img2img samples the VAE posterior with it), so an image must
+    not depend on whether the MIGC weights or model B were already cached when its job started."""
+    weights_store.unload()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    weights_store.load_cached(str(webui_modules / "tiny.safetensors"), torch.device("cpu"), torch.float32)
+    assert weights_store.loaded()
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(123)
+    MODEL_B.get(("b.safetensors", 0, 2), lambda: torch.nn.Linear(64, 64))
+    assert torch.equal(torch.rand(4), expected)
+    MODEL_B.clear()
+    weights_store.unload()

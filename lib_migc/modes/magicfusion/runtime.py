@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ...core import host_memory
+from ...core.rng import global_rng_kept
 from .method import select_by_mask, snb_mask
 from .params import FusionParams, fused_at_timestep
 
@@ -43,7 +44,8 @@ class ModelBCache:
         with self._lock:
             if self._key != key:
                 self._drop()
-                self._value = build()
+                with global_rng_kept():  # building B's UNet draws initial values its file then replaces
+                    self._value = build()
                 self._key = key
             return self._value
 

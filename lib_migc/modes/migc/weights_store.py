@@ -14,6 +14,7 @@ import torch
 
 from ...core import host_memory
 from ...core.errors import CheckpointError
+from ...core.rng import global_rng_kept
 from .checkpoint import MigcWeights, load_migc_weights
 from .weight_files import list_weight_files
 
@@ -63,7 +64,8 @@ def load_cached(path: str, device: torch.device, dtype: torch.dtype) -> MigcWeig
         if _cached is not None and _cached[0] == key:
             return _cached[1]
         _cached = None  # free the previous file's blocks before loading the next
-        weights = load_migc_weights(path, device=device, dtype=dtype)
+        with global_rng_kept():  # building the blocks draws initial values the file then replaces
+            weights = load_migc_weights(path, device=device, dtype=dtype)
         _cached = (key, weights)
         return weights
 
