@@ -42,10 +42,7 @@ class MigcMode(Mode):
     def decline(self, p: Any, host: ModuleType, params: MigcParams) -> str | None:
         family = model_family(p.sd_model)
         if params.mode == MODE_NAIVE:
-            if family is None:
-                return (f"MIGC ({params.mode} mode) was skipped: it supports SD1.x, SD2.x and SDXL checkpoints, and this "
-                        "model has another architecture, so the image was generated without it.")
-            return host.decline_reason(p, f"MIGC ({params.mode} mode)")
+            return unknown_family(p, params.mode) or host.decline_reason(p, f"MIGC ({params.mode} mode)")
         if family != "sd1":
             name = {"sd2": "an SD2.x", "sdxl": "an SDXL"}.get(family, "a non-SD1.x")
             return (f"MIGC was skipped: it needs an SD1.x checkpoint (its weights were trained on SD1.4) and {name} "
@@ -86,6 +83,14 @@ class MigcMode(Mode):
         session.migc_off = not self.runs_in_pass(job.params, hr_pass)
         if job.params.mode == MODE_MIGC and not hr_pass:
             warn_vanished(job.p, job.params, session.vanished_instances())
+
+
+def unknown_family(p: Any, mode: str) -> str | None:
+    """Why a training-free mode declines a model outside SD1.x, SD2.x and SDXL; None inside them."""
+    if model_family(p.sd_model) is not None:
+        return None
+    return (f"MIGC ({mode} mode) was skipped: it supports SD1.x, SD2.x and SDXL checkpoints, and this model has "
+            "another architecture, so the image was generated without it.")
 
 
 def warn_vanished(p: Any, params: MigcParams, indices: list[int]) -> None:

@@ -14,12 +14,11 @@ import torch
 
 from ...core import settings
 from ...core.errors import MigcError
-from ...core.families import model_family
 from ...core.masks import LATENT_FACTOR
 from ...core.text_encoding import encode_conditioning, own_global_context
 from ...params import MODE_MULTIDIFFUSION, MigcParams
 from ..base import Mode
-from ..migc.mode import fit_layout_masks
+from ..migc.mode import fit_layout_masks, unknown_family
 from .runtime import COLOUR_POOL, Bootstrap, RegionPrompts, RegionRuntime, layout_region_masks
 
 log = logging.getLogger("migc")
@@ -130,10 +129,7 @@ class MultiDiffusionMode(Mode):
         return replace(params, enabled=False)
 
     def decline(self, p: Any, host: ModuleType, params: MigcParams) -> str | None:
-        if model_family(p.sd_model) is None:
-            return (f"MIGC ({params.mode} mode) was skipped: it supports SD1.x, SD2.x and SDXL checkpoints, and this "
-                    "model has another architecture, so the image was generated without it.")
-        return None
+        return unknown_family(p, params.mode)
 
     def start(self, job: Any) -> None:
         fit_layout_masks(job)
