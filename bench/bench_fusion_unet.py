@@ -3,8 +3,8 @@
     python bench/bench_fusion_unet.py [--size 512x512] [--steps 30] [--repeats 3] [--device cpu|cuda]
 
 Builds two SD1 ldm UNets with random weights (model A and model B), installs the A1111 adapter the way
-a job does (``FusionHooks`` ride-along on A's UNet; the blend in ``on_cfg_denoised``) and times one
-k-diffusion CFG step ([cond, uncond] rows, the denoiser's x0 outputs, the blend). Prints the median
+a job does (``StepHooks`` with MagicFusion's functions: B beside A at the sampler's model call, the blend
+in ``on_cfg_denoised``) and times one k-diffusion CFG step ([cond, uncond] rows, the denoiser's x0 outputs, the blend). Prints the median
 times, the fused step and the outside-window step as ratios to a plain step measured in the same run,
 the whole-run estimate ``(fused·f + outside·(1 − f))`` for the official window (SNB-then-A, t > 600) at
 ``--steps`` Euler steps, and B's weight memory (the extra resident memory; the two UNets run one after
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_unet import build_sd1_unet, use_sdp_attention  # noqa: E402
-from lib_migc.hosts.a1111_fusion import FusionHooks  # noqa: E402
+from lib_migc.hosts.a1111 import StepHooks  # noqa: E402
 from lib_migc.modes.magicfusion.params import FusionParams  # noqa: E402
 from lib_migc.modes.magicfusion.runtime import FusionRuntime  # noqa: E402
 
@@ -46,6 +46,24 @@ def sigma_to_t(sigma: float) -> float:
     alphas = torch.cumprod(1 - betas, 0)
     log_sigmas = (((1 - alphas) / alphas) ** 0.5).log()
     return float(np.interp(np.log(sigma), log_sigmas.numpy(), np.arange(1000.0)))
+
+
+class CompVisDenoiser(torch.nn.Module):
+    """k-diffusion's CompVisDenoiser as A1111 wraps the model: k-space x and sigma in, x0 out; every sigma
+    maps to the timestep ``t`` of the case being timed (it decides whether MagicFusion's window is open)."""
+
+    def __init__(self, sd_model: SimpleNamespace) -> None:
+        super().__init__()
+        self.sd_model, self.t = sd_model, 700.0
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(sigma, self.t)
+
+    def forward(self, input: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        scale = (sigma ** 2 + 1) ** -0.5
+        eps = self.sd_model.model.diffusion_model(input * scale[:, None, None, None], self.sigma_to_t(sigma),
+                                                  context=cond["c_crossattn"][0])
+        return input - sigma[:, None, None, None] * eps
 
 
 def main() -> None:
@@ -71,33 +89,36 @@ def main() -> None:
     x = torch.randn((1, 4, height // 8, width // 8), generator=g).to(device, dtype)
     ctx = torch.randn((2, 77, 768), generator=g).to(device, dtype)
     sigma = 2.0
-    p = SimpleNamespace(sd_model=SimpleNamespace(model=SimpleNamespace(diffusion_model=unet_a)), cfg_scale=GUIDANCE)
+    sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet_a))
+    inner = CompVisDenoiser(sd_model)
+    p = SimpleNamespace(sd_model=sd_model, cfg_scale=GUIDANCE, sampler=SimpleNamespace(model_wrap_cfg=SimpleNamespace(inner_model=inner)))
 
-    def cfg_step(hooks: FusionHooks | None, t: float) -> None:
+    def cfg_step(hooks: StepHooks | None, t: float) -> None:
         if hooks is None:
-            fusion.remove()  # MagicFusion off: A's UNet exactly as the WebUI has it
+            fusion.remove()  # MagicFusion off: the sampler's model exactly as the WebUI has it
         elif not hooks.installed:
             hooks.install(p)
+        inner.t = t
         x_in = torch.cat([x, x])
         sigma_in = torch.full((2,), sigma, device=device, dtype=dtype)
         if hooks is not None:
             params = SimpleNamespace(x=x_in, sigma=sigma_in, text_cond=ctx[:1], text_uncond=ctx[1:], denoiser=None)
             hooks.on_cfg_step(0, 1, params)
         with torch.no_grad():
-            eps = unet_a(x_in / (sigma ** 2 + 1) ** 0.5, torch.full((2,), t, device=device), context=ctx)
-            x_out = x_in - sigma * eps
+            x_out = inner(x_in, sigma_in, cond={"c_crossattn": [ctx]})
             if hooks is not None:
                 hooks.on_cfg_denoised(SimpleNamespace(x=x_out))
             x_out[1] + GUIDANCE * (x_out[0] - x_out[1])  # the WebUI's CFG combine
 
-    def timed(hooks: FusionHooks | None, t: float) -> float:
+    def timed(hooks: StepHooks | None, t: float) -> float:
         sync()
         t0 = time.perf_counter()
         cfg_step(hooks, t)
         sync()
         return (time.perf_counter() - t0) * 1e3
 
-    fusion = FusionHooks(FusionRuntime(FusionParams(enabled=True, model_b="B", switch_t=600), unet_b))
+    runtime = FusionRuntime(FusionParams(enabled=True, model_b="B", switch_t=600), unet_b)
+    fusion = StepHooks("MagicFusion", denoise=runtime.denoise_rows, blend=runtime.blend, runtime=runtime)
     cases = {"plain step (MagicFusion off)": (None, 700.0), "fused step (t = 700 > 600)": (fusion, 700.0),
              "outside the window (t = 500)": (fusion, 500.0)}
     for hook, t in cases.values():

@@ -1,28 +1,34 @@
 """One parameters object for a MIGC job, built from the panel, the API or the infotext.
 
 Processing code never looks at positional argument lists: the Script turns whatever arrived into a
-:class:`MigcParams` first, and this module is the one place that knows each format.
+:class:`MigcParams` first, and this module is the one place that knows each format. Each mode owns its
+part (``modes/<mode>/params.py``: defaults, checks, and for StructureDiffusion and MagicFusion the codec
+of their own API section); the migc and multidiffusion fields stay top-level here because the API, the
+positional list and the infotext only grow.
 """
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
+from .core.checks import switch
 from .core.errors import MigcError
 from .core.layout import Layout, parse_layout
 from .modes.magicfusion.params import FusionParams
+from .modes.migc import params as migc_params
+from .modes.migc.params import DEFAULT_WEIGHTS, MODE_MIGC, MODE_NAIVE
+from .modes.multidiffusion import params as region_params
+from .modes.multidiffusion.params import DEFAULT_BOOTSTRAP, MODE_MULTIDIFFUSION
 from .modes.structure.params import StructureParams
 
-DEFAULT_WEIGHTS = "MIGC_SD14.ckpt"
+__all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_WEIGHTS", "INFOTEXT_KEY", "MODES", "MODE_MIGC", "MODE_MULTIDIFFUSION", "MODE_NAIVE",
+           "MigcParams", "UI_FIELDS", "API_FIELDS"]
+
 INFOTEXT_KEY = "MIGC"
-#: How the instances are realised: the trained MIGC/MIGC++ layers, or a training-free mode.
-MODE_MIGC, MODE_MULTIDIFFUSION, MODE_NAIVE = "migc", "multidiffusion", "naive"
+#: How the instances are realised (the ``mode`` field): the trained MIGC/MIGC++ layers, or a training-free mode.
 MODES = (MODE_MIGC, MODE_MULTIDIFFUSION, MODE_NAIVE)
-#: Official MultiDiffusion bootstraps 20 of its 50 steps.
-DEFAULT_BOOTSTRAP = 0.4
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,10 @@ class MigcParams:
     """
 
     enabled: bool = False
-    weights: str = DEFAULT_WEIGHTS
+    weights: str = migc_params.DEFAULTS["weights"]
     layout: Layout = field(default_factory=Layout)
-    migc_steps: float = 0.5
-    naive_steps: float = 0.0
+    migc_steps: float = migc_params.DEFAULTS["migc_steps"]
+    naive_steps: float = migc_params.DEFAULTS["naive_steps"]
     use_main_prompt: bool = True
     append_descriptions: bool = True
     draw_boxes: bool = False
@@ -55,7 +61,7 @@ class MigcParams:
     structure: StructureParams = field(default_factory=StructureParams)
     magicfusion: FusionParams = field(default_factory=FusionParams)
     mode: str = MODE_MIGC
-    md_bootstrap: float = DEFAULT_BOOTSTRAP
+    md_bootstrap: float = region_params.DEFAULTS["md_bootstrap"]
 
     @property
     def training_free(self) -> bool:
@@ -149,21 +155,13 @@ class MigcParams:
     @classmethod
     def _checked(cls, **values: Any) -> "MigcParams":
         for name in ("enabled", "use_main_prompt", "append_descriptions", "draw_boxes", "hires"):
-            if name in values and values[name] is not None and not isinstance(values[name], bool):
-                raise MigcError(f"MIGC: field '{name}' must be true or false, got {values[name]!r}.")
+            if values.get(name) is not None:
+                switch(name, values[name])
         mode = values.get("mode")
         if mode is not None and mode not in MODES:
             raise MigcError(f"MIGC: field 'mode' = {mode!r} is not allowed; use one of {', '.join(MODES)}.")
-        for name in ("migc_steps", "naive_steps", "md_bootstrap"):
-            if name not in values or values[name] is None:
-                continue
-            value = values[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
-                raise MigcError(f"MIGC: field '{name}' = {value!r} must be a fraction of the sampling steps from 0 to 1 (0 = off).")
-            values[name] = float(value)
-        weights = values.get("weights")
-        if weights is not None and (not isinstance(weights, str) or not weights.strip()):
-            raise MigcError("MIGC: field 'weights' must be the file name of MIGC weights in the MIGC models folder, e.g. \"MIGC_SD14.ckpt\".")
+        migc_params.check(values)
+        region_params.check(values)
         values = {k: v for k, v in values.items() if v is not None}
         return cls(**values)
 

@@ -1,4 +1,5 @@
-"""The MIGC panel (gradio 3.41 in A1111, gradio 4 in Forge).
+"""The MIGC panel (gradio 3.41 in A1111, gradio 4 in Forge): the layout editor and the migc/naive/
+MultiDiffusion controls here, each add-on mode's section from its own package (``modes/<mode>/panel.py``).
 
 Components are returned in :data:`lib_migc.params.UI_FIELDS` order, which is also the API's list form.
 The layout lives in one textbox holding the layout JSON (``#<tab>_migc_layout``): the box editor in
@@ -12,7 +13,10 @@ import logging
 from typing import Any, Callable
 
 from .core import settings
+from .core.widgets import tool_button
+from .modes.magicfusion import panel as fusion_panel
 from .modes.migc import weight_files
+from .modes.structure import panel as structure_panel
 from .params import DEFAULT_BOOTSTRAP, INFOTEXT_KEY, MODES, MigcParams, UI_FIELDS
 
 log = logging.getLogger("migc")
@@ -63,7 +67,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
         with gr.Row():
             weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
                                   elem_id=f"{tab}_migc_weights", allow_custom_value=True)
-            refresh = _tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
+            refresh = tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
         gr.HTML(value=EDITOR_MOUNT, elem_id=f"{tab}_migc_editor")
         layout = gr.Textbox(value="", label="Instances (layout JSON)", lines=5, placeholder=LAYOUT_EXAMPLE, elem_id=f"{tab}_migc_layout")
         gr.Markdown(HELP.format(folder=folder))
@@ -80,8 +84,8 @@ def build_panel(is_img2img: bool) -> list[Any]:
             draw_boxes = gr.Checkbox(False, label="Draw boxes on an extra output image", elem_id=f"{tab}_migc_draw_boxes")
             hires = gr.Checkbox(bool(settings.option("migc_default_hires")), label="Also in the hires-fix pass", elem_id=f"{tab}_migc_hires")
 
-        structure = _structure_group(gr, tab)
-        fusion = _fusion_group(gr, tab)
+        structure = structure_panel.build_section(gr, tab)
+        fusion = fusion_panel.build_section(gr, tab)
 
         def refresh_choices() -> Any:
             found = weight_files.list_weight_files(settings.models_dir())
@@ -105,95 +109,6 @@ def mode_hint(have_weights: bool, folder: str) -> str:
         return modes
     return (f"⚠ No MIGC weights found in {folder}: choose **naive** or **multidiffusion**, which need none, "
             "or download MIGC_SD14.ckpt there. " + modes)
-
-
-STRUCTURE_HELP = (
-    "StructureDiffusion (training-free attribute binding): each phrase is also encoded on its own and mixed into "
-    "the prompt's cross-attention, so 'a red car and a white sheep' keeps the red on the car. Works with MIGC or "
-    "alone (no boxes needed), on SD1.x and SD2.x. Phrases must appear in the prompt; those not found are listed "
-    "under the image. Default mode costs nothing per step; conjunction adds one attention map per phrase."
-)
-
-
-def _structure_group(gr: Any, tab: str) -> list[Any]:
-    """The StructureDiffusion fields, in :data:`lib_migc.params.STRUCTURE_UI_FIELDS` order."""
-    from .modes.structure.params import CUSTOM, MODES, SOURCES
-
-    with gr.Group(elem_id=f"{tab}_migc_structure"):
-        with gr.Row():
-            enabled = gr.Checkbox(False, label="StructureDiffusion", elem_id=f"{tab}_migc_structure_enabled")
-            mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=f"{tab}_migc_structure_mode")
-            source = gr.Dropdown([*SOURCES, CUSTOM], value=SOURCES[0], label="Phrases from",
-                                 elem_id=f"{tab}_migc_structure_phrases")
-        custom = gr.Textbox(value="", lines=2, label="Custom phrases (one per line; used when 'Phrases from' is custom)",
-                            placeholder="a red car\na white sheep", elem_id=f"{tab}_migc_structure_custom")
-        gr.Markdown(STRUCTURE_HELP)
-    return [enabled, mode, source, custom]
-
-
-FUSION_HELP = (
-    "MagicFusion (training-free): the loaded checkpoint (A: text encoder, VAE, composition) and a second SD1.x "
-    "checkpoint's UNet (B: e.g. a style or a fine-tuned subject) both predict the noise; per pixel the one whose "
-    "prompt response is more salient wins. Only B's UNet is loaded (~1.7 GB fp16); fused steps cost two UNet calls, "
-    "the others one. B's own text encoder and clip skip are not used."
-)
-
-
-def fused_steps_text(window_mode: str, switch_t: Any) -> str:
-    """How many steps the window fuses, for common step counts (the timestep grid of DDIM-like samplers)."""
-    from .modes.magicfusion.params import FusionWindow, fused_step_count
-
-    try:
-        window = FusionWindow(window_mode, int(switch_t))
-    except Exception as exc:  # noqa: BLE001 - shown to the user as is
-        return f"⚠ {exc}"
-    counts = ", ".join(f"{fused_step_count(n, window)} of {n}" for n in (20, 30, 50, 100))
-    return f"Fused steps (t {'>' if window.window_mode.startswith('SNB') else '≤'} {window.switch_t}): {counts}."
-
-
-def _fusion_group(gr: Any, tab: str) -> list[Any]:
-    """The MagicFusion fields, in :data:`lib_migc.params.FUSION_UI_FIELDS` order."""
-    from .modes.magicfusion.params import SAME, WINDOW_MODES, FusionParams
-
-    def titles() -> list[str]:
-        try:
-            from modules import sd_models
-
-            return [SAME, *sd_models.checkpoint_tiles()]
-        except (ImportError, AttributeError):  # outside the WebUI (the UI demo)
-            return [SAME]
-
-    d = FusionParams()
-    with gr.Group(elem_id=f"{tab}_migc_fusion"):
-        with gr.Row():
-            enabled = gr.Checkbox(False, label="MagicFusion", elem_id=f"{tab}_migc_fusion_enabled")
-            model_b = gr.Dropdown(titles(), value=None, label="Model B (second checkpoint)", allow_custom_value=True,
-                                  elem_id=f"{tab}_migc_fusion_model_b")
-            refresh = _tool_button(gr, "\U0001f504", f"{tab}_migc_fusion_refresh")
-        prompt_b = gr.Textbox(value="", lines=1, label="Prompt B (empty: the main prompt)", elem_id=f"{tab}_migc_fusion_prompt_b")
-        with gr.Row():
-            k_a = gr.Slider(0.1, 10.0, value=d.k_a, step=0.1, label="k_A (temperature of A)", elem_id=f"{tab}_migc_fusion_k_a")
-            k_b = gr.Slider(0.1, 10.0, value=d.k_b, step=0.1, label="k_B (temperature of B)", elem_id=f"{tab}_migc_fusion_k_b")
-        with gr.Row():
-            window = gr.Radio(list(WINDOW_MODES), value=d.window_mode, label="Window", elem_id=f"{tab}_migc_fusion_window")
-            switch_t = gr.Slider(0, 1000, value=d.switch_t, step=1, label="Switch timestep t", elem_id=f"{tab}_migc_fusion_switch_t")
-            hires = gr.Checkbox(False, label="Also in the hires-fix pass", elem_id=f"{tab}_migc_fusion_hires")
-        steps_info = gr.Markdown(fused_steps_text(d.window_mode, d.switch_t), elem_id=f"{tab}_migc_fusion_steps")
-        gr.Markdown(FUSION_HELP)
-    for component in (window, switch_t):
-        component.change(fn=fused_steps_text, inputs=[window, switch_t], outputs=[steps_info])
-    refresh.click(fn=lambda: gr.update(choices=titles()), inputs=[], outputs=[model_b])
-    return [enabled, model_b, prompt_b, k_a, k_b, window, switch_t, hires]
-
-
-def _tool_button(gr: Any, label: str, elem_id: str) -> Any:
-    """The WebUI's small square ToolButton where available (A1111, Forge), a plain button otherwise."""
-    try:
-        from modules.ui_components import ToolButton
-
-        return ToolButton(value=label, elem_id=elem_id)
-    except ImportError:
-        return gr.Button(value=label, elem_id=elem_id)
 
 
 #: The panel's switches and mode: what a paste without a MIGC entry resets (the drawn layout is kept).

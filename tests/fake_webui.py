@@ -194,6 +194,18 @@ class FakeSDModel(torch.nn.Module):
         return self.model.diffusion_model(x, t, context=context, **extra)
 
 
+class CompVisTimestepsDenoiser(torch.nn.Module):
+    """modules.sd_samplers_timesteps.CompVisTimestepsDenoiser: the sampler's inner model for the timestep
+    samplers (DDIM, PLMS, UniPC): VP latent and integer timesteps in, eps out."""
+
+    def __init__(self, sd_model):
+        super().__init__()
+        self.inner_model = sd_model
+
+    def forward(self, input, timesteps, **kwargs):
+        return self.inner_model.apply_model(input, timesteps, **kwargs)
+
+
 class FakeProcessing:
     """The attributes of StableDiffusionProcessing(Txt2Img) that MIGC reads and writes."""
 

@@ -6,6 +6,9 @@ script sends, the positional list the panel (and the API's list form) sends, the
 a real job wrote, and the parameters they meant. ``cond_rows.safetensors`` keeps, for the cases whose
 image is made inside the UNet's attention, one CFG step's cond rows on the A1111 and Forge fake hosts
 (the real ldm UNet, the tiny weights of ``conftest``); for MultiDiffusion the A1111 denoiser's rows.
+``fusion_rows.safetensors`` keeps MagicFusion's fused step on both hosts (A1111: the denoiser's rows
+after the blend; Forge: the step's result), written by the version before MagicFusion moved to the
+hosts' model-call and CFG-blend hook points, the same way (once, when absent).
 
 Every later version must read each of them to the same parameters, accept the positional list in the same
 order, and make the same rows from the payload and from the pasted infotext.
@@ -29,6 +32,7 @@ from lib_migc.params import INFOTEXT_KEY, MigcParams
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CASES_FILE, ROWS_FILE = GOLDEN / "cases.json", GOLDEN / "cond_rows.safetensors"
+FUSION_ROWS_FILE = GOLDEN / "fusion_rows.safetensors"
 RECORD = os.environ.get("MIGC_RECORD_GOLDEN") == "1"
 PROMPT = "a red ball and a blue cube in a room"
 
@@ -62,6 +66,17 @@ PAYLOADS = {
 #: Cases whose rows come from the attention hooks (both hosts) or the MultiDiffusion denoiser (A1111).
 ATTENTION_CASES = ("migc", "migc-options", "naive", "naive-mask", "structure", "migc+structure")
 DENOISER_CASES = ("multidiffusion",)
+#: Cases whose rows are MagicFusion's fused step (model B from a checkpoint file named as in the payload).
+FUSION_CASES = ("magicfusion",)
+FUSION_SIGMA, FUSION_T, FUSION_GUIDANCE = 3.0, 700.0, 7.5  # t = 700 (A1111), σ = 3 (Forge): inside the window (SNB for t > 600)
+FUSION_UNET_YAML = """model:
+  params:
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params: {image_size: 32, in_channels: 4, out_channels: 4, model_channels: 32, attention_resolutions: [4, 2, 1],
+               num_res_blocks: 2, channel_mult: [1, 2, 4, 4], num_heads: 8, use_spatial_transformer: true,
+               transformer_depth: 1, context_dim: 768, use_checkpoint: false, legacy: false}
+"""
 
 
 def _inputs(sd_model):
@@ -112,6 +127,84 @@ def _multidiffusion_rows(text_model, args):
     return out[:1], p.extra_generation_params.get(INFOTEXT_KEY)
 
 
+class _CompVisDenoiser(torch.nn.Module):
+    """A1111's k-diffusion wrapper of the loaded model (k-space x and sigma in, x0 out), every sigma at ``FUSION_T``."""
+
+    def __init__(self, sd_model):
+        super().__init__()
+        self.inner_model = sd_model
+
+    def sigma_to_t(self, sigma):
+        return torch.full_like(sigma, FUSION_T)
+
+    def forward(self, input, sigma, **kwargs):
+        eps = self.inner_model.apply_model(input * (FUSION_SIGMA ** 2 + 1) ** -0.5, self.sigma_to_t(sigma), **kwargs)
+        return input - FUSION_SIGMA * eps
+
+
+def _model_b(folder: Path):
+    """Model B's checkpoint (``other.safetensors``, a tiny SD1 UNet of other weights) in the checkpoint list."""
+    from safetensors.torch import save_file
+
+    from helpers import build_unet
+
+    path = folder / "other.safetensors"
+    if not path.exists():
+        state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in build_unet(model_channels=32, seed=7).state_dict().items()}
+        save_file(state, str(path))
+        (folder / "tiny.yaml").write_text(FUSION_UNET_YAML)
+    fake_webui.register_checkpoint(str(path), sha256="0e0e0e0e0e0e")
+    return str(folder / "tiny.yaml")
+
+
+def _fusion_rows(folder, unet, text_model, args):
+    """MagicFusion's fused step on A1111 (the denoiser's rows after the blend) and Forge (the step's result)."""
+    from lib_migc.modes.magicfusion.runtime import MODEL_B
+
+    config = _model_b(folder)
+    model = fake_webui.FakeSDModel(unet, text_model)
+    model.used_config = config
+    p = fake_webui.FakeProcessing(model, seeds=[100], prompts=[PROMPT])
+    p.prompts, p.steps, p.cfg_scale = [PROMPT], 4, FUSION_GUIDANCE
+    p.sampler = SimpleNamespace(model_wrap_cfg=SimpleNamespace(inner_model=_CompVisDenoiser(model)))
+    x, cond, uncond = _inputs(model)
+    x_in, sigma_in = torch.cat([x, x]), torch.full((2,), FUSION_SIGMA)
+    start_job(p, args)
+    denoiser = SimpleNamespace(p=p, sampler=SimpleNamespace(sampler_extra_args={"cond_scale": FUSION_GUIDANCE}),
+                               cond_scale_miltiplier=1.0)
+    job.on_cfg_denoiser(fake_webui.CFGDenoiserParams(x_in, None, sigma_in, 0, 4, cond, uncond, denoiser=denoiser))
+    with torch.no_grad():
+        a1111_rows = p.sampler.model_wrap_cfg.inner_model(x_in, sigma_in, cond={"c_crossattn": [torch.cat([cond, uncond])]})
+    job.on_cfg_denoised(fake_webui.CFGDenoisedParams(a1111_rows, 0, 4, None))
+    finish_job(p)
+    infotext = p.extra_generation_params.get(INFOTEXT_KEY)
+    MODEL_B.clear()
+    unet.config = yaml_params(FUSION_UNET_YAML)  # Forge builds B from its UNet's constructor config
+    try:
+        with fake_forge.backend_modules():
+            model = fake_forge.ForgeSDModel(unet, text_model)
+            p = fake_webui.FakeProcessing(model, seeds=[100], prompts=[PROMPT])
+            p.prompts, p.steps = [PROMPT], 4
+            start_job(p, args, forge)
+            job.on_cfg_denoiser(fake_webui.CFGDenoiserParams(x, None, torch.full((1,), FUSION_SIGMA), 0, 4, cond, uncond,
+                                                             denoiser=SimpleNamespace(p=p)))
+            entries = lambda ctx: [{"model_conds": {"c_crossattn": fake_forge.CONDCrossAttn(ctx)}}]  # noqa: E731
+            with torch.no_grad():
+                forge_rows = fake_forge.sampling_function_inner(p.sd_model.forge_objects.unet, x, torch.full((1,), FUSION_SIGMA),
+                                                                entries(uncond), entries(cond), FUSION_GUIDANCE)
+            finish_job(p)
+    finally:
+        del unet.config
+        MODEL_B.clear()
+    return {"a1111": a1111_rows, "forge": forge_rows}, infotext
+
+
+def yaml_params(text: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(OmegaConf.create(text))["model"]["params"]["unet_config"]["params"])
+
+
 def _rows(name, unet, text_model, args):
     """{host: cond rows} of one case, and the infotext entry the (A1111) job wrote."""
     if name in DENOISER_CASES:
@@ -157,6 +250,36 @@ def _cases():
 @pytest.mark.skipif(not RECORD, reason="records the golden files (MIGC_RECORD_GOLDEN=1), once")
 def test_record_golden_files(webui_modules, unet, text_model):
     _record(unet, text_model)
+
+
+@pytest.mark.skipif(not RECORD or FUSION_ROWS_FILE.exists(), reason="records MagicFusion's golden rows (MIGC_RECORD_GOLDEN=1), once")
+def test_record_golden_fusion_rows(webui_modules, unet, text_model):
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name in FUSION_CASES:
+        rows, _ = _fusion_rows(webui_modules, unet, text_model, (_cases()[name]["api"],))
+        tensors.update({f"{name}/{host}": value.contiguous() for host, value in rows.items()})
+    save_file(tensors, str(FUSION_ROWS_FILE))
+
+
+@pytest.mark.parametrize("name", FUSION_CASES)
+def test_a_golden_magicfusion_payload_and_its_infotext_make_the_recorded_step(webui_modules, unet, text_model, name):
+    if not FUSION_ROWS_FILE.exists():
+        pytest.skip("not recorded yet")
+    from safetensors.torch import load_file
+
+    case = _cases()[name]
+    recorded = {key.split("/")[1]: value for key, value in load_file(str(FUSION_ROWS_FILE)).items() if key.split("/")[0] == name}
+    closed = {**case["api"], "magicfusion": {**case["api"]["magicfusion"], "switch_t": 1000}}  # the window never opens: A alone
+    plain, _ = _fusion_rows(webui_modules, unet, text_model, (closed,))
+    for host in plain:
+        assert (plain[host] - recorded[host]).abs().amax() > 1e-3, f"the recorded step on {host} is a fused one"
+    for source in (case["api"], MigcParams.from_infotext(case["infotext"]).to_api()):
+        rows, _ = _fusion_rows(webui_modules, unet, text_model, (source,))
+        assert set(rows) == set(recorded) == {"a1111", "forge"}
+        for host in rows:
+            torch.testing.assert_close(rows[host], recorded[host], rtol=1e-4, atol=1e-5, msg=f"{name} on {host}")
 
 
 def test_the_golden_files_are_there():

@@ -37,6 +37,33 @@ class CFGDenoiserKDiffusion(CFGDenoiserTimesteps):
     pass
 
 
+class CompVisDenoiser(torch.nn.Module):
+    """k_diffusion.external.CompVisDenoiser as A1111 wraps the model for k-diffusion samplers: k-space x and
+    sigma in, ``input + eps * (-sigma)`` out (here every sigma maps to the timestep ``T``)."""
+
+    def __init__(self, sd_model):
+        super().__init__()
+        self.inner_model = sd_model
+
+    def sigma_to_t(self, sigma):
+        return torch.full_like(sigma, T)
+
+    def forward(self, input, sigma, **kwargs):
+        scale = 1 / (float(sigma.flatten()[0]) ** 2 + 1) ** 0.5
+        eps = self.inner_model.apply_model(input * scale, self.sigma_to_t(sigma), **kwargs)
+        return input + eps * (-sigma)[:, None, None, None]
+
+
+INNER = {CFGDenoiserKDiffusion: CompVisDenoiser, CFGDenoiserTimesteps: fake_webui.CompVisTimestepsDenoiser}
+
+
+def make_p(model, denoiser_class=CFGDenoiserKDiffusion, **kwargs):
+    """A txt2img ``p`` whose sampler wraps the model the way A1111 does for ``denoiser_class``."""
+    p = fake_webui.FakeProcessing(model, **kwargs)
+    p.sampler = SimpleNamespace(model_wrap_cfg=SimpleNamespace(inner_model=INNER[denoiser_class](model)))
+    return p
+
+
 def save_checkpoint(unet, path, extra=True):
     state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in unet.state_dict().items()}
     if extra:
@@ -68,18 +95,19 @@ start, finish = start_job, finish_job
 
 
 def cfg_step(p, x, cond, uncond, denoiser_class, t=T, sigma=SIGMA):
-    """One CFGDenoiser.forward of A1111: callback, the inner model on [cond; uncond] rows, on_cfg_denoised."""
+    """One CFGDenoiser.forward of A1111: callback, the sampler's inner model on [cond; uncond] rows,
+    on_cfg_denoised."""
     n = x.shape[0]
     x_in = torch.cat([x, x])
     kdiff = denoiser_class is CFGDenoiserKDiffusion
     sigma_in = torch.full((2 * n,), sigma if kdiff else t)
     params = fake_webui.CFGDenoiserParams(x_in, None, sigma_in, 0, 4, cond, uncond, denoiser=denoiser_class(p))
     job.on_cfg_denoiser(params)
-    unet = p.sd_model.model.diffusion_model
-    scale = 1 / (sigma ** 2 + 1) ** 0.5 if kdiff else 1.0
+    inner = getattr(p, "sampler", None)
+    inner = inner.model_wrap_cfg.inner_model if inner is not None else INNER[denoiser_class](p.sd_model)
+    cond_in = {"c_crossattn": [torch.cat([cond, uncond])], "c_concat": [torch.zeros(2 * n, 5, 1, 1)]}
     with torch.no_grad():
-        eps = unet(x_in * scale, torch.full((2 * n,), t), context=torch.cat([cond, uncond]))
-    x_out = x_in - sigma * eps if kdiff else eps.clone()
+        x_out = inner(x_in, sigma_in, cond=cond_in)
     job.on_cfg_denoised(fake_webui.CFGDenoisedParams(x_out, 0, 4, None))
     return x_out
 
@@ -112,14 +140,16 @@ def expected(unet_a, unet_b, x, cond, uncond, kdiff, context_b=None):
 def test_a_fused_step_blends_both_rows_per_pixel(fusion, unet, denoiser):
     model, unet_b, title = fusion
     x, cond, uncond = inputs(model)
-    p = fake_webui.FakeProcessing(model, seeds=[1, 2], prompts=["a lion with a crown"] * 2)
+    p = make_p(model, denoiser, seeds=[1, 2], prompts=["a lion with a crown"] * 2)
     start(p, fusion_args(title))
     out = cfg_step(p, x, cond, uncond, denoiser)
     finish(p)
     ref, mask = expected(unet, unet_b, x, cond, uncond, denoiser is CFGDenoiserKDiffusion)
     assert 0.05 < mask.float().mean() < 0.95, "both models must win somewhere for the test to mean anything"
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert "forward" not in unet.__dict__, "the ride-along is removed after the batch"
+    assert "forward" not in unet.__dict__, "nothing is left on A's UNet"
+    assert "forward" not in p.sampler.model_wrap_cfg.inner_model.__dict__, "the model-call wrapper is removed after the batch"
+    assert p.sd_model.model.diffusion_model is unet, "model A's UNet is back in place"
     info = MigcParams.from_infotext(p.extra_generation_params["MIGC"])
     assert info.magicfusion.model_b == title and '"model_b_hash":"b0b0b0b0b0"' in p.extra_generation_params["MIGC"]
 
@@ -127,7 +157,7 @@ def test_a_fused_step_blends_both_rows_per_pixel(fusion, unet, denoiser):
 def test_outside_the_window_model_b_is_not_run(fusion, unet):
     model, unet_b, title = fusion
     x, cond, uncond = inputs(model, n=1)
-    p = fake_webui.FakeProcessing(model, prompts=["a lion with a crown"])
+    p = make_p(model, prompts=["a lion with a crown"])
     start(p, fusion_args(title, window_mode="SNB-then-A", switch_t=600))  # SNB only for t > 600; this step is t = 500
     loaded = MODEL_B.get(MODEL_B._key, lambda: None)
     calls = []
@@ -142,7 +172,7 @@ def test_outside_the_window_model_b_is_not_run(fusion, unet):
 def test_prompt_b_goes_to_model_b_cond_rows_only(fusion, unet, text_model):
     model, unet_b, title = fusion
     x, cond, uncond = inputs(model, n=1)
-    p = fake_webui.FakeProcessing(model, prompts=["a lion with a crown"])
+    p = make_p(model, prompts=["a lion with a crown"])
     start(p, fusion_args(title, prompt_b="a cartoon lion"))
     out = cfg_step(p, x, cond, uncond, CFGDenoiserKDiffusion)
     finish(p)
@@ -153,7 +183,7 @@ def test_prompt_b_goes_to_model_b_cond_rows_only(fusion, unet, text_model):
 
 def test_model_b_is_cached_and_freed_when_magicfusion_is_off(fusion):
     model, _, title = fusion
-    p = fake_webui.FakeProcessing(model, prompts=["a lion"])
+    p = make_p(model, prompts=["a lion"])
     start(p, fusion_args(title))
     first = weakref.ref(MODEL_B._value)
     finish(p)
@@ -174,7 +204,7 @@ def test_bad_model_b_and_bad_pairs_stop_the_job_with_a_clear_error(fusion, tmp_p
     info = fake_webui.register_checkpoint(str(tmp_path / "sd2-like.safetensors"), sha256="5d25d25d25d2")
     for title, words in (("no-such-model", "model B 'no-such-model' is not in the checkpoint list"),
                          (info.title, "must both be Stable Diffusion 1.x")):
-        p = fake_webui.FakeProcessing(model, prompts=["a lion"])
+        p = make_p(model, prompts=["a lion"])
         start(p, fusion_args(title))
         with pytest.raises(MigcError, match=words):
             cfg_step(p, x, cond, uncond, CFGDenoiserKDiffusion)

@@ -1,11 +1,13 @@
 """MagicFusion through the Forge adapter: model B runs inside Forge's sampling function (a stand-in with
 the real call order and signatures), on two real tiny ldm UNets."""
 
+import pytest
 import torch
 
 import fake_forge
 import fake_webui
 from helpers import build_unet, finish_job, start_job
+from lib_migc.core.errors import MigcError
 from lib_migc.hosts import forge
 from lib_migc.modes.magicfusion.method import snb_mask
 from lib_migc.modes.magicfusion.runtime import MODEL_B
@@ -97,3 +99,71 @@ def test_a_job_without_magicfusion_frees_model_b_from_forges_memory_manager_too(
         finish_job(plain)
         gc.collect()
         assert held() not in [entry.model.model for entry in loaded] and held() is None
+
+
+def _fused_step(p, x, sigma, cond_ctx, uncond_ctx):
+    with torch.no_grad():
+        return fake_forge.sampling_function_inner(p.sd_model.forge_objects.unet, x, sigma, conds(uncond_ctx), conds(cond_ctx), GUIDANCE)
+
+
+def test_forge_same_model_b_is_model_a_with_prompt_b(webui_modules, text_model):
+    """Model B "same" on Forge: the loaded UNet itself, prompt B on its cond rows (the method written out)."""
+    unet_a = build_unet(seed=0)
+    g = torch.Generator().manual_seed(3)
+    x, sigma = torch.randn((1, 4, 32, 32), generator=g) * 3, torch.full((1,), 2.0)
+    with fake_forge.backend_modules():
+        model = fake_forge.ForgeSDModel(unet_a, text_model)
+        cond_ctx, uncond_ctx = model.get_learned_conditioning(["a lion with a crown"]), model.get_learned_conditioning([""])
+        prompt_b = model.get_learned_conditioning(["a cartoon lion"])
+        p = fake_webui.FakeProcessing(model, prompts=["a lion with a crown"])
+        start_job(p, fusion_args("same", prompt_b="a cartoon lion"), forge)
+        out = _fused_step(p, x, sigma, cond_ctx, uncond_ctx)
+        finish_job(p)
+    ka = fake_forge.KModel(unet_a)
+    with torch.no_grad():
+        d_ac, d_au, d_bc = (ka.apply_model(x, sigma, c_crossattn=ctx) for ctx in (cond_ctx, uncond_ctx, prompt_b))
+    eps = lambda d: (x - d) / 2.0  # noqa: E731
+    mask = snb_mask(eps(d_ac), eps(d_au), eps(d_bc), GUIDANCE, 1.0, 1.0)
+    assert 0.05 < mask.float().mean() < 0.95, "both predictions must win somewhere for the test to mean anything"
+    cond = torch.where(mask[:, None], d_bc, d_ac)  # the uncond rows of A and "same" B are the same prediction
+    torch.testing.assert_close(out, d_au + GUIDANCE * (cond - d_au), rtol=1e-4, atol=1e-4)
+
+
+def test_forge_chains_another_extensions_model_function_wrapper(webui_modules, tmp_path, text_model):
+    """Another extension's model-function wrapper (Forge Couple, Regional Prompter) still sees every call of
+    A's rows under MagicFusion, and the image is what MagicFusion makes without it; MultiDiffusion, which
+    builds rows of its own, stops with a message instead."""
+    unet_a, unet_b = build_unet(seed=0), build_unet(seed=7)
+    unet_a.config = dict(TINY)
+    save_checkpoint(unet_b, tmp_path / "tiny-b.safetensors")
+    info = fake_webui.register_checkpoint(str(tmp_path / "tiny-b.safetensors"), sha256="f0f0f0f0f0f0")
+    g = torch.Generator().manual_seed(1)
+    x, sigma = torch.randn((1, 4, 32, 32), generator=g) * 3, torch.full((1,), 2.0)
+    seen = []
+
+    def other(apply_model, args):
+        seen.append(args["input"].shape[0])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    with fake_forge.backend_modules():
+        model = fake_forge.ForgeSDModel(unet_a, text_model)
+        cond_ctx, uncond_ctx = model.get_learned_conditioning(["a lion"]), model.get_learned_conditioning([""])
+        outs = []
+        for wrapped in (False, True):
+            p = fake_webui.FakeProcessing(fake_forge.ForgeSDModel(unet_a, text_model), prompts=["a lion"])
+            if wrapped:
+                p.sd_model.forge_objects.unet.set_model_unet_function_wrapper(other)
+            start_job(p, fusion_args(info.title), forge)
+            outs.append(_fused_step(p, x, sigma, cond_ctx, uncond_ctx))
+            finish_job(p)
+        assert seen == [2], "the other wrapper ran for the step's batched call"
+        assert torch.equal(outs[0], outs[1])
+        p = fake_webui.FakeProcessing(fake_forge.ForgeSDModel(unet_a, text_model), prompts=["a lion"])
+        p.sd_model.forge_objects.unet.set_model_unet_function_wrapper(other)
+        p.steps = 4
+        boxes = [{"description": "a lion", "box": [0.1, 0.1, 0.6, 0.6]}]
+        start_job(p, ({"enabled": True, "mode": "multidiffusion", "instances": boxes, "md_bootstrap": 0.0},), forge)
+        with pytest.raises(MigcError, match="another extension already wraps Forge's UNet function"):
+            _fused_step(p, x, sigma, cond_ctx, uncond_ctx)
+        finish_job(p)
+    MODEL_B.clear()

@@ -35,15 +35,7 @@ class KDenoiser(torch.nn.Module):
         return self.predictor.calculate_denoised(sigma, eps, input)
 
 
-class TimestepsDenoiser(torch.nn.Module):
-    """modules.sd_samplers_timesteps.CompVisTimestepsDenoiser: VP latent and integer t in, eps out."""
-
-    def __init__(self, sd_model):
-        super().__init__()
-        self.inner_model = sd_model
-
-    def forward(self, input, timesteps, **kwargs):
-        return self.inner_model.apply_model(input, timesteps, **kwargs)
+TimestepsDenoiser = fake_webui.CompVisTimestepsDenoiser
 
 
 @pytest.fixture(scope="module")

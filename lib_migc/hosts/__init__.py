@@ -1,9 +1,15 @@
 """Thin adapters between the WebUI hosts and the shared MIGC core.
 
-Each host module offers the same small surface: ``Hooks(session, on_error, is_current)`` with
-``install(p)``, ``remove()``, ``on_cfg_step(step, steps, params)`` and ``installed``; ``unet_of(p)``;
-``decline_reason(p)`` for host-specific reasons not to run; ``fusion_adapter()`` and ``region_adapter()``,
-the modules of MagicFusion's and MultiDiffusion's hooks on that host.
+Each host module (``a1111.py``, ``forge.py``; what they share in ``base.py``) implements the three hook
+points once, for every mode:
+
+* ``Hooks(processor, on_error, is_current)``: the attn2 processor slot of every hooked layer;
+* ``StepHooks(title, denoise=, blend=, modules=, is_current=, raise_pending=)``: the denoiser's model call
+  and the CFG blend step (:mod:`lib_migc.core.hook_points` says what a mode's functions see);
+
+both with ``install(p)``, ``remove()``, ``installed`` and ``on_cfg_step(step, steps, params)``. Beside
+them: ``unet_of(p)``; ``decline_reason(p)`` for host-specific reasons not to run; for a mode that runs a
+second UNet, ``empty_unet_like(p)``, ``placement_of(unet)``, ``unet_streamed()`` and ``forget_module(m)``.
 """
 from __future__ import annotations
 

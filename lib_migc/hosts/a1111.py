@@ -1,7 +1,9 @@
-"""AUTOMATIC1111 adapter: text encoding through the WebUI, attn2 hooks, CFG row bookkeeping.
+"""AUTOMATIC1111 adapter: the three hook points (attn2 slot, denoiser model call, CFG blend step) and
+their row bookkeeping, once for every mode.
 
-No MIGC math here: the hooks find which rows of each UNet call are cond rows and hand those to
-:meth:`MigcSession.shade`; everything else runs the module's own forward.
+No mode's math here: the attn2 hooks find which rows of each UNet call are cond rows and hand those to
+the pass's attention processor (:meth:`MigcSession.shade` or a chain); the step hooks hand each model
+call and each step's output rows to a mode's functions (:mod:`lib_migc.core.hook_points`).
 
 Why instance-level ``forward`` overrides: A1111 applies its attention optimisations by replacing
 ``CrossAttention.forward`` on the class; an instance attribute wins over it, so the hooks work under
@@ -14,19 +16,30 @@ CFG) or split the rows into several UNet calls (``batch_cond_uncond`` off, or co
 different token lengths) — always in row order. The CFG-denoiser callback gives the row counts of
 each step; the first hooked layer of every UNet call advances a row cursor, so each layer knows which
 rows of ``x_in`` its call holds.
+
+Why the model call is hooked on the CFG denoiser's inner model (docs/modes/multidiffusion.md §4):
+``CFGDenoiser.forward`` calls ``inner_model(x_in, sigma_in, cond=...)`` with all CFG rows and combines
+the result itself, so a wrapper there is invisible to CFG, to the sampler and to both sampler families:
+k-diffusion (``CompVisDenoiser``: k-space x, sigmas, x0 out) and the timestep samplers
+(``CompVisTimestepsDenoiser``: VP latent, integer t, ε out). It is an instance attribute of the
+sampler's own inner-model object, so it goes away with the sampler and :meth:`StepHooks.remove` takes it
+off earlier. Another UNet (MagicFusion's model B) runs through the very same call with the loaded
+model's ``diffusion_model`` swapped for the duration, so it gets A1111's own scaling and casts. The blend
+step is the ``on_cfg_denoised`` callback: the rows are changed in place before A1111's CFG combine.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
+from ..core.hook_points import CfgRows, ModelRows
 from ..core.patching import ForwardPatches
 from ..core.unet_layers import attn2_layers
-from .base import HooksBase, companion
+from .base import HooksBase, StepHooksBase
 
 # ---------------------------------------------------------------------------------------- rows
 @dataclass
@@ -96,14 +109,31 @@ def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     return None
 
 
-def fusion_adapter() -> ModuleType:
-    """MagicFusion's hooks on this host; modes reach host code only through the host module they are handed."""
-    return companion(__name__, "fusion")
+def unet_streamed() -> bool:
+    """Whether ``--medvram``/``--lowvram`` stream the UNet block by block (a second resident UNet would defeat them)."""
+    from modules import shared
+
+    opts = getattr(shared, "cmd_opts", None)
+    return bool(getattr(opts, "lowvram", False) or getattr(opts, "medvram", False))
 
 
-def region_adapter() -> ModuleType:
-    """MultiDiffusion's denoiser wrapper on this host."""
-    return companion(__name__, "multidiffusion")
+def empty_unet_like(p: Any) -> nn.Module:
+    """A fresh ldm UNet from the loaded model's own config (not a copy of A: no hooks, no weights)."""
+    from ldm.util import instantiate_from_config
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(p.sd_model.used_config)
+    return instantiate_from_config(config.model.params.unet_config)
+
+
+def placement_of(unet: nn.Module) -> tuple[torch.device | None, torch.dtype]:
+    """(device, dtype) a second UNet beside ``unet`` lives in: A's own (A1111 moves nothing by itself)."""
+    reference = next(unet.parameters())
+    return reference.device, reference.dtype
+
+
+def forget_module(module: nn.Module) -> None:
+    """A1111's memory management keeps no reference to modules we add: nothing to drop."""
 
 
 class Hooks(HooksBase):
@@ -164,3 +194,154 @@ class Hooks(HooksBase):
             return torch.cat([cond_out.to(rest.dtype), rest])
 
         return self.guarded(forward)
+
+
+# ---------------------------------------------------------------------------------------- step hooks
+def _split_cond(cond: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(contexts, vectors) of A1111's condition dict: ``c_crossattn`` list (SD1/SD2) or SDXL's
+    ``crossattn`` / ``vector`` keys (``c_adm`` on crossattn-adm models)."""
+    if "crossattn" in cond:
+        return cond["crossattn"], cond.get("vector")
+    context = cond["c_crossattn"][0]
+    return context, cond.get("c_adm")
+
+
+def _join_cond(cond: dict, contexts: torch.Tensor, vectors: torch.Tensor | None, source: torch.Tensor) -> dict:
+    """The condition dict for new rows: new contexts/vectors, every other per-row tensor gathered."""
+    out: dict[str, Any] = {}
+    for key, value in cond.items():
+        if key in ("crossattn", "c_crossattn"):
+            out[key] = contexts if key == "crossattn" else [contexts]
+        elif key in ("vector", "c_adm") and vectors is not None:
+            out[key] = vectors
+        elif isinstance(value, list):
+            out[key] = [v[source] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in value]
+        elif isinstance(value, torch.Tensor) and value.dim() > 0:
+            out[key] = value[source]
+        else:
+            out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def _unet_swapped(sd_model: Any, unet: nn.Module | None) -> Iterator[None]:
+    """The loaded model runs ``unet`` instead of its own UNet inside this block (``None``: its own)."""
+    if unet is None:
+        yield
+        return
+    wrapper = sd_model.model
+    main = wrapper.diffusion_model
+    wrapper.diffusion_model = unet
+    try:
+        yield
+    finally:
+        wrapper.diffusion_model = main
+
+
+def guidance_of(params: Any, cfg_scale: float) -> float:
+    """The CFG scale the denoiser uses this step (A1111: the sampler's cond_scale times its multiplier)."""
+    denoiser = getattr(params, "denoiser", None)
+    extra = getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", None)
+    if isinstance(extra, dict) and "cond_scale" in extra:
+        return float(extra["cond_scale"]) * float(getattr(denoiser, "cond_scale_miltiplier", 1.0))
+    return cfg_scale
+
+
+@dataclass
+class _StepRows:
+    """What the CFG-denoiser callback says of this step, for the blend after the model calls."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor | None
+    images: int
+    cond_rows: int
+    guidance: float
+
+
+class StepHooks(StepHooksBase):
+    """A mode's model-call wrapper (on the sampler's inner model) and CFG blend (``on_cfg_denoised``) of
+    one pass; :meth:`remove` puts back exactly what was there (another extension's wrapper included)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows = RowCursor()
+        self.cfg_scale = 7.0
+        self._active = False
+        self._step_rows: _StepRows | None = None
+        self._patches = ForwardPatches()
+
+    @property
+    def installed(self) -> bool:
+        return self._active
+
+    def install(self, p: Any) -> None:
+        self.remove()
+        self.cfg_scale = float(getattr(p, "cfg_scale", 7.0))
+        if self.denoise is not None:
+            target = p.sampler.model_wrap_cfg.inner_model  # a property that builds the object once: read it once
+            self._patches.install(target, self._wrapper_of(p, target, target.forward))
+        self._active = True
+
+    def remove(self) -> None:
+        self._active, self._step_rows = False, None
+        self._patches.remove()
+
+    def _wrapper_of(self, p: Any, target: Any, original: Callable) -> Callable:
+        space = "k" if hasattr(target, "sigma_to_t") else "vp"
+        hooks = self
+
+        def forward(x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            cond = kwargs.get("cond")
+            if not hooks._active or not hooks.is_current() or not isinstance(cond, dict):
+                return original(x, sigma, **kwargs)
+            hooks.raise_pending()
+            kinds = hooks.rows.kinds(x.shape[0])
+            if kinds is None:
+                return original(x, sigma, **kwargs)
+            contexts, vectors = _split_cond(cond)
+
+            def call(xs: torch.Tensor, levels: torch.Tensor, ctx: torch.Tensor, vec: torch.Tensor | None,
+                     source: torch.Tensor) -> torch.Tensor:
+                return original(xs, levels, **{**kwargs, "cond": _join_cond(cond, ctx, vec, source)})
+
+            def call_unet(unet: nn.Module | None, xs: torch.Tensor, levels: torch.Tensor, ctx: torch.Tensor,
+                          vec: torch.Tensor | None, source: torch.Tensor) -> torch.Tensor:
+                with _unet_swapped(p.sd_model, unet):
+                    return call(xs, levels, ctx, vec, source)
+
+            timestep = target.sigma_to_t(sigma.flatten()[:1]) if space == "k" else sigma.flatten()[:1]
+            rows = ModelRows(x, sigma, contexts, vectors, [k[0] for k in kinds], [k[1] for k in kinds], hooks.step,
+                             space, float(timestep.flatten()[0]), lambda: original(x, sigma, **kwargs), call, call_unet)
+            try:
+                return hooks.denoise(rows)
+            except BaseException:
+                hooks.remove()
+                raise
+
+        return forward
+
+    def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
+        """``on_cfg_denoiser``: this step's rows (for the model calls) and its input, σ and guidance (for the blend)."""
+        super().on_cfg_step(step, total_steps, params)
+        self.rows.from_params(params)
+        self._step_rows = None
+        text_cond, uncond = params.text_cond, params.text_uncond
+        if self.blend is None or not isinstance(text_cond, torch.Tensor) or not isinstance(uncond, torch.Tensor):
+            return
+        timesteps = type(getattr(params, "denoiser", None)).__name__ == "CFGDenoiserTimesteps"
+        self._step_rows = _StepRows(params.x, None if timesteps else params.sigma, uncond.shape[0], text_cond.shape[0],
+                                    guidance_of(params, self.cfg_scale))
+
+    def on_cfg_denoised(self, params: Any) -> None:
+        """``on_cfg_denoised``: the mode blends the denoiser's output rows in place, before A1111's CFG combine."""
+        step, self._step_rows = self._step_rows, None
+        if step is None or not self._active or not self.is_current() or step.cond_rows != step.images:
+            return
+        out = params.x
+        rows = out.shape[0]
+        sigma = step.sigma[:rows] if step.sigma is not None else None
+        try:
+            self.blend(CfgRows(out, step.x[:rows], sigma, step.images, step.guidance, self.step))
+        except BaseException:
+            self.remove()
+            raise

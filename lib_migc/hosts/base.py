@@ -1,14 +1,14 @@
-"""What both hosts' hooks share: the job's lifetime checks, which layers to hook, the pending error."""
+"""What both hosts' hooks share: the job's lifetime checks, which layers to hook, the pending error, and
+what a mode hands to the step-level hook points (:class:`StepHooksBase`)."""
 from __future__ import annotations
 
 import functools
-import importlib
 import weakref
-from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
+from ..core.hook_points import BlendFn, DenoiseFn
 from ..core.unet_layers import layer_sort_key
 
 
@@ -109,11 +109,6 @@ def sampler_step(params: Any) -> tuple[int, int]:
     return int(params.sampling_step), steps
 
 
-def companion(host_module: str, part: str) -> ModuleType:
-    """A host's module for one mode's hooks (``hosts.<host>_<part>``), imported when a job first needs it."""
-    return importlib.import_module(f"{host_module}_{part}")
-
-
 class ClonePatches:
     """What a Forge pass's patches share: installed on a clone of the job's UnetPatcher, made inert by
     :meth:`remove` (Forge drops the clone itself), ``live`` only while their job is the current one."""
@@ -131,3 +126,37 @@ class ClonePatches:
 
     def remove(self) -> None:
         self._active = False
+
+
+class StepHooksBase:
+    """One mode's functions at the step-level hook points of one pass (:mod:`lib_migc.core.hook_points`):
+    ``denoise`` at the denoiser's model call, ``blend`` at the CFG blend step (either may be None),
+    ``modules`` that must sit beside the main UNet during sampling (MagicFusion's model B). ``title``
+    names the mode in messages; ``raise_pending`` raises the job's pending error at the first call;
+    ``runtime`` is the mode's per-pass object, kept here only so tests and tools can reach it.
+
+    Each host subclasses it once (``hosts/<host>.StepHooks``) and does the row bookkeeping there; a mode
+    builds it through the host module it is handed (``job.host.StepHooks(...)``) and never sees a host object.
+    """
+
+    def __init__(
+        self,
+        title: str,
+        denoise: DenoiseFn | None = None,
+        blend: BlendFn | None = None,
+        modules: Sequence[nn.Module] = (),
+        is_current: Callable[[], bool] = lambda: True,
+        raise_pending: Callable[[], None] = lambda: None,
+        runtime: Any = None,
+    ) -> None:
+        self.title, self.denoise, self.blend, self.modules = title, denoise, blend, tuple(modules)
+        self.runtime = runtime
+        self.is_current, self.raise_pending = is_current, raise_pending
+        self.step = 0
+
+    def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
+        """The CFG-denoiser callback: the step that the next model calls and the next blend belong to."""
+        self.step = step
+
+    def on_cfg_denoised(self, params: Any) -> None:
+        """A1111's CFG-denoised callback (the blend step there); Forge blends in its post-CFG function."""

@@ -1,5 +1,5 @@
-"""MagicFusion's part of a WebUI job: decline or describe it, load model B, install the ride-along, and
-free model B whenever a job does not need it.
+"""MagicFusion's part of a WebUI job: decline or describe it, load model B, hook the hosts' model call and
+CFG blend step, and free model B whenever a job does not need it.
 
 Kept apart from :mod:`lib_migc.job` so the mode is one module: ``job`` calls these at the same points
 as its own steps (process, before each sampling pass, the CFG callbacks, cleanup). Failures become
@@ -15,16 +15,11 @@ from typing import Any
 from ...core.errors import MigcError
 from ...params import MigcParams, has_and_subprompts
 from ..base import Mode
+from .model_b import load_model_b, model_b_info
 from .params import SAME
 from .runtime import MODEL_B, FusionRuntime
 
 log = logging.getLogger("migc")
-
-
-def _adapter(host: Any) -> Any:
-    """The host's MagicFusion hooks module, or None where the host has none."""
-    adapter = getattr(host, "fusion_adapter", None)
-    return adapter() if adapter is not None else None
 
 
 def decline_reason(p: Any, host: Any) -> str | None:
@@ -33,7 +28,7 @@ def decline_reason(p: Any, host: Any) -> str | None:
     if not getattr(model, "is_sd1", False):
         return ("MagicFusion was skipped: it pairs two SD1.x checkpoints (same latent space and text context), and the "
                 "loaded model is not SD1.x.")
-    if _adapter(host) is None:
+    if getattr(host, "empty_unet_like", None) is None:
         return "MagicFusion was skipped: this WebUI is not supported."
     return None
 
@@ -53,7 +48,7 @@ def model_b_hash(p: Any, host: Any, title: str) -> str | None:
     """The short hash recorded in the infotext ('same': none)."""
     if title == SAME:
         return None
-    return _adapter(host).model_b_info(title)[1]
+    return model_b_info(title)[1]
 
 
 def free_model_b() -> None:
@@ -63,20 +58,23 @@ def free_model_b() -> None:
 
 
 def install(job: Any, hr_pass: bool) -> Any:
-    """Load model B and encode prompt B for this pass, then install the ride-along; returns the hooks."""
+    """Load model B and encode prompt B for this pass, then hook the host's model call and CFG blend step;
+    returns the hooks."""
     from modules import devices
 
     p, params = job.p, job.params.magicfusion
-    adapter = _adapter(job.host)
     unet_b = None
     if params.model_b != SAME:
-        unet_b, _, _ = adapter.load_model_b(p, params.model_b)
+        unet_b, _, _ = load_model_b(p, job.host, params.model_b)
     prompt_b = None
     if params.prompt_b:
         with devices.autocast():
             cond = p.sd_model.get_learned_conditioning([params.prompt_b])
         prompt_b = (cond["crossattn"] if isinstance(cond, dict) else cond)[0].detach()
-    hooks = adapter.FusionHooks(FusionRuntime(params, unet_b, prompt_b), is_current=lambda: job.is_current(hooks))
+    runtime = FusionRuntime(params, unet_b, prompt_b)
+    hooks = job.host.StepHooks("MagicFusion", denoise=runtime.denoise_rows, blend=runtime.blend,
+                               modules=() if unet_b is None else (unet_b,), runtime=runtime,
+                               is_current=lambda: job.is_current(hooks))
     hooks.install(p)
     return hooks
 

@@ -1,21 +1,25 @@
 """MagicFusion during sampling, for either host: model B's cache, the window gate and the row blend.
 
-The hosts hand over what their CFG denoiser produced for model A (cond rows then uncond rows, as
-denoised predictions ``D = x − σ·ε`` on k-diffusion samplers or as ε on timestep samplers) and
-model B's raw UNet outputs for the same rows; :func:`blend_rows` selects per pixel, row by row, so
-the host's own CFG combine then yields ``M·CFG_B + (1 − M)·CFG_A`` and every later step (inpaint mask
-blending, previews, other extensions) keeps working.
+At the hosts' model-call hook point (:meth:`FusionRuntime.denoise_rows`) model B runs beside A on the
+same rows, with the host's own scaling (prompt B on the cond rows), and its outputs are kept per (cond,
+image) for the step. At the CFG blend step (:meth:`FusionRuntime.blend`) the hosts hand over what their
+denoiser produced for A (cond rows then uncond rows, as denoised predictions ``D = x − σ·ε`` on
+k-diffusion samplers and Forge, as ε on A1111's timestep samplers); :func:`blend_rows` selects per pixel,
+row by row, so the host's own CFG combine then yields ``M·CFG_B + (1 − M)·CFG_A`` and every later step
+(inpaint mask blending, previews, other extensions) keeps working.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from ...core import host_memory
+from ...core.errors import MigcError
+from ...core.hook_points import CfgRows, ModelRows
 from ...core.rng import global_rng_kept
 from .method import select_by_mask, snb_mask
 from .params import FusionParams, fused_at_timestep
@@ -77,24 +81,52 @@ class FusionRuntime:
     params: FusionParams
     unet_b: nn.Module | None
     prompt_b: torch.Tensor | None = None  # (L, D)
+    #: B's output row per (is cond, image) of the step ``_stash_step``, kept from the model calls to the blend.
+    _stash: dict[tuple[bool, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _stash_step: int | None = field(default=None, repr=False)
 
     def fused(self, timestep: float) -> bool:
         """Whether SNB runs at the DDPM timestep the UNet sees (outside the window B is not run at all)."""
         return fused_at_timestep(float(timestep), self.params.numbers.window)
 
-    def context_b(self, context: torch.Tensor, cond_rows: int) -> torch.Tensor:
-        """B's context for a UNet call whose first ``cond_rows`` rows are cond rows: prompt B there."""
-        if self.prompt_b is None or cond_rows == 0:
-            return context
-        prompt = self.prompt_b.to(device=context.device, dtype=context.dtype)
-        if prompt.shape[0] != context.shape[1]:
-            from ...core.errors import MigcError
-
+    def context_b(self, contexts: torch.Tensor, is_cond: list[bool]) -> torch.Tensor:
+        """B's contexts for a model call's rows: prompt B on the cond rows, when given."""
+        if self.prompt_b is None or not any(is_cond):
+            return contexts
+        prompt = self.prompt_b.to(device=contexts.device, dtype=contexts.dtype)
+        if prompt.shape[0] != contexts.shape[1]:
             raise MigcError(f"MagicFusion: prompt B takes {prompt.shape[0] // 77} chunk(s) of 75 tokens but the main prompt "
-                            f"takes {context.shape[1] // 77}; make them the same length class (e.g. add BREAK or shorten one).")
-        out = context.clone()
-        out[:cond_rows] = prompt
+                            f"takes {contexts.shape[1] // 77}; make them the same length class (e.g. add BREAK or shorten one).")
+        out = contexts.clone()
+        out[[row for row, cond in enumerate(is_cond) if cond]] = prompt
         return out
+
+    def denoise_rows(self, rows: ModelRows) -> torch.Tensor:
+        """The model-call hook point: A's output unchanged; inside the window, B on the same rows, kept for the blend."""
+        out = rows.plain()
+        if not self.fused(rows.timestep):
+            return out
+        if self._stash_step != rows.step:
+            self._stash, self._stash_step = {}, rows.step
+        source = torch.arange(rows.x.shape[0], device=rows.x.device)
+        with torch.no_grad():
+            out_b = rows.call_unet(self.unet_b, rows.x, rows.levels, self.context_b(rows.contexts, rows.is_cond),
+                                   rows.vectors, source)
+        for row, key in enumerate(zip(rows.is_cond, rows.images)):
+            self._stash[key] = out_b[row]
+        return out
+
+    def blend(self, step: CfgRows) -> bool:
+        """The CFG blend step: B's rows of this step blended into A's in place; False when B did not run
+        (outside the window) or a row is missing (uncond skipped, AND sub-prompts)."""
+        stash = self._stash if self._stash_step == step.step else {}
+        self._stash, self._stash_step = {}, None
+        keys = [(True, image) for image in range(step.images)] + [(False, image) for image in range(step.images)]
+        if not stash or any(key not in stash for key in keys):
+            return False
+        out_b = torch.stack([stash[key] for key in keys])
+        mask = blend_rows(step.out, out_b, step.x, step.sigma, step.images, step.guidance, self.params, b_denoised=True)
+        return mask is not None
 
 
 def blend_rows(

@@ -14,7 +14,8 @@ from ...core.errors import MigcError
 from ...core.families import model_family
 from ...core.layout import MAX_MIGC_INSTANCES, fit_masks
 from ...core.text_encoding import encode_conditioning, encode_phrases, own_global_context
-from ...params import MODE_MIGC, MODE_NAIVE, MigcParams, with_descriptions_appended
+from ...params import MigcParams, with_descriptions_appended
+from .params import MODE_MIGC, MODE_NAIVE
 from ..base import Mode
 from . import weights_store
 from .session import MigcSession

@@ -1,7 +1,8 @@
 """The MultiDiffusion region mode's part of a WebUI job: prompts, masks, bootstrapping, the hooks.
 
 Like :mod:`lib_migc.modes.magicfusion.mode` it is called by :mod:`lib_migc.job` at the same points as the other
-modes; each host's wrapper lives in ``hosts/<host>_multidiffusion.py``.
+modes; it acts at the hosts' model-call hook point (``job.host.StepHooks``), with
+:meth:`~lib_migc.modes.multidiffusion.runtime.RegionRuntime.denoise_rows`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from ...core import settings
 from ...core.errors import MigcError
 from ...core.masks import LATENT_FACTOR
 from ...core.text_encoding import encode_conditioning, own_global_context
-from ...params import MODE_MULTIDIFFUSION, MigcParams
+from ...params import MigcParams
+from .params import MODE_MULTIDIFFUSION
 from ..base import Mode
 from ..migc.mode import fit_layout_masks, unknown_family
 from .runtime import COLOUR_POOL, Bootstrap, RegionPrompts, RegionRuntime, layout_region_masks
@@ -26,11 +28,6 @@ log = logging.getLogger("migc")
 #: Rough activation memory of one SD1.5 fp16 UNet row per latent pixel with SDP attention (~300 MB at
 #: 64x64, docs/modes/multidiffusion.md §6); SDXL rows cost about 2.5 times that.
 ROW_BYTES_PER_LATENT_PIXEL = 75_000
-
-
-def adapter(host: Any) -> Any:
-    """The host's MultiDiffusion adapter module (handed over by the host module, never imported here)."""
-    return host.region_adapter()
 
 
 def encode_prompts(p: Any, params: MigcParams) -> RegionPrompts:
@@ -97,12 +94,13 @@ def build_runtime(job: Any, hr_pass: bool, noise: torch.Tensor | None, prompts: 
 
 
 def install(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> Any:
-    """Encode (once per job), build this pass's runtime and install the host's wrapper; returns the hooks."""
+    """Encode (once per job), build this pass's runtime and install it at the host's model call; returns the hooks."""
     prompts = job.state.get(MODE_MULTIDIFFUSION)
     if prompts is None:
         prompts = job.state[MODE_MULTIDIFFUSION] = encode_prompts(job.p, job.params)  # once per job
     runtime = build_runtime(job, hr_pass, noise, prompts)
-    hooks = adapter(job.host).RegionHooks(runtime, is_current=lambda: job.is_current(hooks))
+    hooks = job.host.StepHooks("MultiDiffusion", denoise=runtime.denoise_rows, runtime=runtime,
+                                 is_current=lambda: job.is_current(hooks))
     hooks.install(job.p)
     return hooks
 

@@ -5,17 +5,19 @@ rows, averaging the per-region denoiser outputs (x0 or eps) per pixel is exactly
 method's fused DDIM step, bootstrapping included (docs/modes/multidiffusion.md §3.1), and it works
 for every single-evaluation sampler. Each CFG row the sampler hands the model becomes R = 1 + N region
 rows (background = the row's own prompt, boxes = their descriptions), all through the UNet in chunks
-of at most ``chunk_rows`` rows, then fused back into one row. Both hosts call :meth:`RegionRuntime.denoise`
-with a callable that runs their original model on a batch of rows.
+of at most ``chunk_rows`` rows, then fused back into one row. :meth:`RegionRuntime.denoise_rows` is the
+mode's function at the hosts' model-call hook point (:class:`~lib_migc.core.hook_points.ModelRows`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
+from ...core.errors import MigcError
+from ...core.hook_points import ModelCall, ModelRows
 from ...core.layout import Layout
 from ...core.masks import LATENT_FACTOR, fitted_mask
 from .method import bootstrap_inputs, bootstrap_inputs_sigma, fuse_rows, pixel_boxes, region_masks
@@ -23,8 +25,6 @@ from .method import bootstrap_inputs, bootstrap_inputs_sigma, fuse_rows, pixel_b
 #: Candidate background colours for bootstrapping (the official code draws one per bootstrapping step).
 COLOUR_POOL = 20
 
-#: ``call(x, levels, contexts, vectors, source_rows)`` -> the host model's output for these rows.
-ModelCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -140,6 +140,17 @@ class RegionRuntime:
         return tuple(x.shape[-2:]) == tuple(self.masks.shape[-2:])
 
     # ------------------------------------------------------------------ the per-call work
+    def denoise_rows(self, rows: ModelRows) -> torch.Tensor:
+        """The hook point's function: the fused output of one model call. A call of another latent size
+        (another extension running the model itself) passes through untouched."""
+        if not self.fits(rows.x):
+            return rows.plain()
+        if rows.has_control:
+            raise MigcError("MultiDiffusion does not support ControlNet on Forge yet: disable ControlNet or use the naive mode.")
+        self.space = rows.space
+        return self.denoise(rows.call, rows.x, rows.levels, rows.contexts, rows.vectors, rows.is_cond, rows.images,
+                            rows.step)
+
     def denoise(
         self,
         call: ModelCall,
