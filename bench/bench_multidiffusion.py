@@ -34,31 +34,56 @@ GRID = [(x * 0.23, y * 0.23, x * 0.23 + 0.3, y * 0.23 + 0.3) for y in range(4) f
 SIGMA = 3.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="512x512")
-    parser.add_argument("--regions", default="1,2,4,8")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--chunk", type=int, default=0, help="most UNet rows per call (0 = all at once)")
+def k_denoiser(unet: torch.nn.Module, device: torch.device, sigma: float = SIGMA):
+    """The model call the hooks make: a k-diffusion-style denoiser (x0 out) around the UNet, at one level."""
+    c_in = 1 / (sigma ** 2 + 1) ** 0.5
+
+    def model(xs, levels, contexts, vectors, source):
+        with torch.no_grad():
+            eps = unet(xs * c_in, torch.full((xs.shape[0],), 500.0, device=device), context=contexts)
+        return xs - eps * levels.view(-1, 1, 1, 1).to(xs.dtype)
+
+    return model
+
+
+def peak_mib(fn, cuda: bool) -> float:
+    """Extra peak memory of one call of ``fn``: the CUDA allocator's peak, or on the CPU the peak of live tensor storages."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with LiveTensorPeak() as tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+def full_size_setup(parser: argparse.ArgumentParser):
+    """Add the device options, parse, and build the full-size SD1 UNet with A1111's 'sdp' attention:
+    (args, device, dtype, sync, unet)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
     use_sdp_attention()
     device, dtype, sync = device_setup(args)
+    return args, device, dtype, sync, build_sd1_unet(device, dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="512x512")
+    parser.add_argument("--regions", default="1,2,4,8")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--chunk", type=int, default=0, help="most UNet rows per call (0 = all at once)")
+    args, device, dtype, sync, unet = full_size_setup(parser)
     cuda = device.type == "cuda"
-    unet = build_sd1_unet(device, dtype)
     width, height = map(int, args.size.split("x"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn((1, 4, height // 8, width // 8), generator=g).to(device, dtype)
     ctx = torch.randn((2, 77, 768), generator=g).to(device, dtype)
     sigma = torch.full((2,), SIGMA, device=device)
-    c_in = 1 / (SIGMA ** 2 + 1) ** 0.5
-
-    def model(xs, levels, contexts, vectors, source):
-        with torch.no_grad():
-            eps = unet(xs * c_in, torch.full((xs.shape[0],), 500.0, device=device), context=contexts)
-        return xs - eps * levels.view(-1, 1, 1, 1).to(xs.dtype)
+    model = k_denoiser(unet, device)
 
     def plain():
         return model(torch.cat([x, x]), sigma, ctx, None, None)
@@ -81,19 +106,9 @@ def main() -> None:
         cases.append((f"{n} regions, bootstrapping", regions(n, True), 2 * (n + 1)))
         cases.append((f"{n} regions, after bootstrapping (shared negative)", regions(n, False), n + 2))
 
-    def peak_mib(fn) -> float:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
-        with LiveTensorPeak() as tracker:
-            fn()
-        return tracker.peak / 2**20
-
     for _, fn, _ in cases:
         fn()  # warm-up
-    peaks = {label: 0.0 if args.no_memory else peak_mib(fn) for label, fn, _ in cases}
+    peaks = {label: 0.0 if args.no_memory else peak_mib(fn, cuda) for label, fn, _ in cases}
     times: dict[str, list[float]] = {label: [] for label, _, _ in cases}
     for _ in range(args.repeats):
         for label, fn, _ in cases:

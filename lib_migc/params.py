@@ -47,6 +47,8 @@ class MigcParams:
     mode: ``migc`` (trained weights, SD1.x), ``naive`` (MIGC's weight-free fuser on every attn2, any
     family) or ``multidiffusion`` (region fusion of the denoiser output, any family).
     md_bootstrap: MultiDiffusion's bootstrapping phase as a fraction of the steps (0 = off).
+    md_window / md_stride / md_wrap: MultiDiffusion's windows on canvases larger than the model (window
+    side in px, 0 = native, -1 = the whole canvas; stride in px; wrap around left-right for 360°).
     """
 
     enabled: bool = False
@@ -62,6 +64,9 @@ class MigcParams:
     magicfusion: FusionParams = field(default_factory=FusionParams)
     mode: str = MODE_MIGC
     md_bootstrap: float = region_params.DEFAULTS["md_bootstrap"]
+    md_window: int = region_params.DEFAULTS["md_window"]
+    md_stride: int = region_params.DEFAULTS["md_stride"]
+    md_wrap: bool = region_params.DEFAULTS["md_wrap"]
 
     @property
     def training_free(self) -> bool:
@@ -105,7 +110,8 @@ class MigcParams:
         return cls._checked(layout=parse_layout(layout_source), structure=structure, magicfusion=fusion, **values)
 
     def to_api(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layout", "structure", "magicfusion")}
+        skipped = ("layout", "structure", "magicfusion") + (() if self.mode == MODE_MULTIDIFFUSION else region_params.WINDOW_FIELDS)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         out.update(self.layout.to_dict())
         if self.structure.enabled:
             out["structure"] = self.structure.to_api()
@@ -140,7 +146,7 @@ class MigcParams:
         data.pop("weights_kind", None)
         if isinstance(data.get("magicfusion"), dict):
             data["magicfusion"].pop("model_b_hash", None)
-        return cls.from_api({"enabled": True, **data})
+        return cls.from_api({"enabled": True, **region_params.legacy_infotext(data)})
 
     def ui_values(self) -> list[Any]:
         """Values for the panel's components, in :data:`UI_FIELDS` order."""
@@ -149,6 +155,7 @@ class MigcParams:
             self.enabled, self.weights, layout.to_json() if len(layout) else "", self.migc_steps, self.naive_steps,
             self.use_main_prompt, self.layout.global_prompt or "", self.append_descriptions, self.draw_boxes, self.hires,
             *self.structure.ui_values(), *self.magicfusion.ui_values(), self.mode, self.md_bootstrap,
+            self.md_window, self.md_stride, self.md_wrap,
         ]
 
     # ------------------------------------------------------------------ validation
@@ -172,7 +179,7 @@ UI_FIELDS: tuple[str, ...] = (
     "append_descriptions", "draw_boxes", "hires",
     "structure_enabled", "structure_mode", "structure_phrases", "structure_custom",
     "fusion_enabled", "fusion_model_b", "fusion_prompt_b", "fusion_k_a", "fusion_k_b", "fusion_window_mode",
-    "fusion_switch_t", "fusion_hires", "mode", "md_bootstrap",
+    "fusion_switch_t", "fusion_hires", "mode", "md_bootstrap", "md_window", "md_stride", "md_wrap",
 )
 STRUCTURE_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("structure_"))
 FUSION_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("fusion_"))
@@ -180,6 +187,7 @@ FUSION_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("fusion_"
 API_FIELDS: tuple[str, ...] = (
     "enabled", "weights", "instances", "global_prompt", "migc_steps", "naive_steps", "use_main_prompt",
     "append_descriptions", "draw_boxes", "hires", "structure", "magicfusion", "mode", "md_bootstrap",
+    "md_window", "md_stride", "md_wrap",
 )
 
 

@@ -16,6 +16,7 @@ from .core import settings
 from .core.widgets import tool_button
 from .modes.magicfusion import panel as fusion_panel
 from .modes.migc import weight_files
+from .modes.multidiffusion import panel as windows_panel
 from .modes.structure import panel as structure_panel
 from .params import DEFAULT_BOOTSTRAP, INFOTEXT_KEY, MODES, MigcParams, UI_FIELDS
 
@@ -63,6 +64,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
             mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=f"{tab}_migc_mode")
             bootstrap = gr.Slider(0.0, 1.0, value=DEFAULT_BOOTSTRAP, step=0.01, elem_id=f"{tab}_migc_md_bootstrap",
                                   label="MultiDiffusion bootstrapping (fraction of steps; 0 = off)")
+        windows = windows_panel.build_section(gr, tab)
         gr.Markdown(mode_hint(bool(choices), folder), elem_id=f"{tab}_migc_mode_hint")
         with gr.Row():
             weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
@@ -94,7 +96,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
         refresh.click(fn=refresh_choices, inputs=[], outputs=[weights])
         paste_status = gr.Markdown("", elem_id=f"{tab}_migc_paste_status")
     components = PanelComponents([enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append,
-                                  draw_boxes, hires, *structure, *fusion, mode, bootstrap])
+                                  draw_boxes, hires, *structure, *fusion, mode, bootstrap, *windows])
     components.paste_status = paste_status
     assert len(components) == len(UI_FIELDS)
     return components
@@ -104,7 +106,8 @@ def mode_hint(have_weights: bool, folder: str) -> str:
     """Which mode to pick: MIGC needs its weights and an SD1.x model; the others need neither."""
     modes = ("**migc**: the trained MIGC / MIGC++ layers (SD1.x, weights file). **naive**: MIGC's weight-free fuser "
              "on every cross-attention (SD1.x, SD2.x, SDXL; cheap). **multidiffusion**: each box denoised with its own "
-             "prompt and fused per pixel (any model; about (N+2)/2 times the time of a plain image).")
+             "prompt and fused per pixel (any model; about (N+2)/2 times the time of a plain image); on canvases larger "
+             "than the model, in overlapping windows: panoramas, with or without boxes.")
     if have_weights:
         return modes
     return (f"⚠ No MIGC weights found in {folder}: choose **naive** or **multidiffusion**, which need none, "

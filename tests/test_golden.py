@@ -28,6 +28,7 @@ from helpers import finish_job, start_job
 from lib_migc import job
 from lib_migc.core.mask_codec import encode_mask
 from lib_migc.hosts import a1111, forge
+from lib_migc.modes.multidiffusion.params import WINDOW_WHOLE_CANVAS
 from lib_migc.params import INFOTEXT_KEY, MigcParams
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -279,7 +280,14 @@ def test_a_golden_magicfusion_payload_and_its_infotext_make_the_recorded_step(we
         rows, _ = _fusion_rows(webui_modules, unet, text_model, (source,))
         assert set(rows) == set(recorded) == {"a1111", "forge"}
         for host in rows:
-            torch.testing.assert_close(rows[host], recorded[host], rtol=1e-4, atol=1e-5, msg=f"{name} on {host}")
+            # Denoised rows at sigma 3 are ~5 in size: the absolute tolerance follows that scale (1e-4 of it), as
+            # another CPU's kernels round differently (1.2e-4 seen on one machine, 0 on the recording one).
+            scale = float(recorded[host].abs().amax())
+            torch.testing.assert_close(rows[host], recorded[host], rtol=1e-4, atol=1e-4 * scale, msg=f"{name} on {host}")
+
+
+#: Fields added after the golden files were recorded, with the values a recorded payload reads to.
+ADDED_SINCE_RECORDING = {"md_window": 0, "md_stride": 64, "md_wrap": False}
 
 
 def test_the_golden_files_are_there():
@@ -293,13 +301,20 @@ def test_every_form_of_a_golden_case_reads_to_the_same_parameters(name):
     if case is None:
         pytest.skip("not recorded yet")
     from_api = MigcParams.from_api(case["api"])
-    assert from_api.to_api() == case["params"]
+    now = from_api.to_api()
+    assert {key: value for key, value in now.items() if key in case["params"]} == case["params"]
+    added = {key: value for key, value in now.items() if key not in case["params"]}
+    assert set(added) <= set(ADDED_SINCE_RECORDING), "only the fields added since the recording are new"
+    assert added == {key: ADDED_SINCE_RECORDING[key] for key in added}, "added fields take their defaults"
     assert MigcParams.from_ui(*case["positional"]) == from_api, "the positional order is frozen"
     assert MigcParams.from_ui(case["api"]) == from_api, "the dict form through the Script's argument"
     assert from_api.ui_values()[:len(case["positional"])] == case["positional"], "positional values only grow at the end"
     pasted = MigcParams.from_infotext(case["infotext"])
-    assert _mask_pixels_aside(pasted.to_api()) == _mask_pixels_aside({**from_api.to_api(), "enabled": pasted.enabled}), \
+    legacy = {key: value for key, value in pasted.to_api().items() if key in case["params"] or key == "enabled"}
+    assert _mask_pixels_aside(legacy) == _mask_pixels_aside({**case["params"], "enabled": pasted.enabled}), \
         "the infotext keeps every field (masks: fitted to the image; their rows are compared below)"
+    if from_api.mode == "multidiffusion":
+        assert pasted.md_window == WINDOW_WHOLE_CANVAS, "an infotext from before windows regenerates with one window"
     assert MigcParams.from_infotext(pasted.to_infotext()) == pasted, "today's infotext reads back"
 
 

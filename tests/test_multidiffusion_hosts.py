@@ -115,7 +115,7 @@ def _reference(p, x, level, cond, uncond, negatives=None, bootstrap=None, step=0
                     c, v = table[0][i - 1:i], None if table[1] is None else table[1][i - 1:i]
                 xi = x[b:b + 1]
                 if bootstrap is not None and i > 0:
-                    colour = bootstrap.backgrounds(b, step, masks.shape[0] - 1)[i - 1].view(1, -1, 1, 1)
+                    colour = bootstrap.backgrounds(b, step, masks.shape[0] - 1)[0, i - 1].view(1, -1, 1, 1)
                     n0 = bootstrap.noise0[b:b + 1]
                     if vp:
                         a = model.alphas_cumprod[level[b].long()]
@@ -203,6 +203,26 @@ def test_chunked_calls_give_the_one_call_result(webui_modules, unets, text_model
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)  # batch-size float noise only
 
 
+def forge_rows(unet, text_model, data, x, sigma, cond, uncond, width=W, height=H):
+    """One Forge job with ``data``: the cond and uncond predictions of one CFG step (Forge's calc_cond_uncond_batch)."""
+    with fake_forge.backend_modules():
+        f_model = fake_forge.ForgeSDModel(unet, text_model)
+        q = fake_webui.FakeProcessing(f_model, width, height, seeds=[40], prompts=["a room"])
+        q.steps, q.negative_prompt = 10, "blurry"
+        job.before_process(q)
+        job.process(q, (data,), forge)
+        job.before_sampling(q)
+        params = fake_webui.CFGDenoiserParams(x, None, sigma, 0, 10, cond, uncond, denoiser=SimpleNamespace(p=q))
+        job.on_cfg_denoiser(params)
+        entry = lambda ctx: {"model_conds": {"c_crossattn": fake_forge.CONDCrossAttn(ctx)}}  # noqa: E731
+        with torch.no_grad():
+            preds = fake_forge.calc_cond_uncond_batch(q.sd_model.forge_objects.unet.model, [entry(cond)], [entry(uncond)],
+                                                      x, sigma, q.sd_model.forge_objects.unet.model_options)
+        job.after_batch(q)
+        job.postprocess(q, SimpleNamespace(images=[], infotexts=[]))
+    return preds
+
+
 def test_forge_wrapper_gives_the_a1111_result(webui_modules, unets, text_model):
     model = _model(unets, text_model, "sd1")
     x, cond, uncond = _inputs(model)
@@ -211,22 +231,7 @@ def test_forge_wrapper_gives_the_a1111_result(webui_modules, unets, text_model):
     _start(p, _data())
     a1111_out = _cfg_call(p, x, sigma, cond, uncond, step=0)
     _finish(p)
-    with fake_forge.backend_modules():
-        f_model = fake_forge.ForgeSDModel(unets["sd1"], text_model)
-        q = fake_webui.FakeProcessing(f_model, W, H, seeds=[40], prompts=["a room"])
-        q.steps, q.negative_prompt = 10, "blurry"
-        job.before_process(q)
-        job.process(q, (_data(),), forge)
-        job.before_sampling(q)
-        params = fake_webui.CFGDenoiserParams(x, None, sigma, 0, 10, cond, uncond, denoiser=SimpleNamespace(p=q))
-        job.on_cfg_denoiser(params)
-        entry = lambda ctx: {"model_conds": {"c_crossattn": fake_forge.CONDCrossAttn(ctx)}}  # noqa: E731
-        with torch.no_grad():
-            c_pred, u_pred = fake_forge.calc_cond_uncond_batch(
-                q.sd_model.forge_objects.unet.model, [entry(cond)], [entry(uncond)], x, sigma,
-                q.sd_model.forge_objects.unet.model_options)
-        job.after_batch(q)
-        job.postprocess(q, SimpleNamespace(images=[], infotexts=[]))
+    c_pred, u_pred = forge_rows(unets["sd1"], text_model, _data(), x, sigma, cond, uncond)
     torch.testing.assert_close(c_pred, a1111_out[:1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(u_pred, a1111_out[1:], rtol=1e-4, atol=1e-5)
 

@@ -147,8 +147,8 @@ def test_the_runtime_the_hooks_call_reproduces_the_official_trajectory(case, chu
     dtype = torch.float64
     masks = case["ref"]["in_masks"].to(dtype)
     cond, uncond = d["cond"].to(dtype), d["uncond"].to(dtype)
-    draws = d["bg_index"][:, 0]
-    monkeypatch.setattr(Bootstrap, "backgrounds", lambda self, image, step, regions: d["bg_values"].to(dtype)[draws[step]])
+    draws = d["bg_index"]  # (steps, windows, N)
+    monkeypatch.setattr(Bootstrap, "backgrounds", lambda self, image, step, regions, windows=1: d["bg_values"].to(dtype)[draws[step]])
     x_T = d["x_T"].to(dtype)
     ac = d["alphas_cumprod"].to(dtype)
     timesteps = [int(t) for t in d["timesteps"]]

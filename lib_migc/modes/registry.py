@@ -38,9 +38,12 @@ def effective_params(p: Any, params: MigcParams, host: ModuleType) -> MigcParams
     """``params`` with only the modes that can run on this job's model and beside each other (declines and
     exclusions are told under the image, each mode's own words); None when none can."""
     if params.enabled and not len(params.layout):
-        if not any(mode.asked(params) for mode in MODES):
-            p.comment("MIGC is enabled but the layout has no instances: nothing to do.")
-        params = replace(params, enabled=False)
+        switched_off = replace(params, enabled=False)
+        # A mode that runs without instances (a MultiDiffusion panorama) keeps the switch on; the others need them.
+        if not any(mode.asked(params) and not mode.asked(switched_off) for mode in MODES):
+            if not any(mode.asked(params) for mode in MODES):
+                p.comment("MIGC is enabled but the layout has no instances: nothing to do.")
+            params = switched_off
     running = []
     for mode in MODES:
         if not mode.asked(params):

@@ -127,3 +127,47 @@ def test_bad_input_is_a_clear_4xx_and_the_next_plain_image_is_bit_identical(webu
 def test_plain_generation_after_the_modes_is_bit_identical(webui, plain):
     status, after = webui.txt2img(BASE)
     assert status == 200 and (pixels(after["images"][0]) == plain).all()
+
+
+# ---------------------------------------------------------------------------------------------- windows
+PANORAMA = {"width": 1024, "height": 512, "steps": 3}
+WINDOWS = {"mode": "multidiffusion", "instances": [], "md_stride": 256}  # SD1: 512-px windows, 3 across
+
+
+@pytest.fixture(scope="module")
+def panorama(webui):
+    status, body = webui.txt2img(_with(WINDOWS, **PANORAMA))
+    assert status == 200, body
+    return body
+
+
+def test_a_512x1024_panorama_is_deterministic_differs_from_plain_and_round_trips(webui, panorama):
+    entry = _migc_entry(webui, panorama)
+    assert entry["mode"] == "multidiffusion" and entry["md_window"] == 0 and entry["md_stride"] == 256
+    status, again = webui.txt2img(_with(WINDOWS, **PANORAMA))
+    assert status == 200, again
+    image = pixels(panorama["images"][0])
+    assert image.shape == (512, 1024, 3) and (pixels(again["images"][0]) == image).all()
+    status, plain_wide = webui.txt2img({**BASE, **PANORAMA})
+    assert status == 200, plain_wide
+    assert abs(pixels(plain_wide["images"][0]) - image).mean() > 1.0
+    entry.pop("weights_hash", None)
+    status, pasted = webui.txt2img(_with(entry, **PANORAMA))
+    assert status == 200, pasted
+    assert (pixels(pasted["images"][0]) == image).all()
+
+
+def test_a_windowed_img2img_upscale_runs_and_differs_from_plain_img2img(webui, plain):
+    """The tiled-upscaling workflow, small: a 256² image to 512x384 with 256-px windows, denoising 0.4."""
+    buffer = io.BytesIO()
+    Image.fromarray(plain.astype("uint8")).resize((512, 384)).save(buffer, format="PNG")
+    payload = {**BASE, "width": 512, "height": 384, "steps": 4, "denoising_strength": 0.4,
+               "init_images": [base64.b64encode(buffer.getvalue()).decode()]}
+    windowed = {**payload, "alwayson_scripts": {"MIGC": {"args": [{**WINDOWS, "md_window": 256, "md_stride": 128,
+                                                                   "instances": BOXES}]}}}
+    status, body = webui.request("/sdapi/v1/img2img", windowed)
+    assert status == 200, body
+    assert '"md_window":256' in body["info"].replace("\\", "")
+    status, base = webui.request("/sdapi/v1/img2img", payload)
+    assert status == 200, base
+    assert abs(pixels(body["images"][0]) - pixels(base["images"][0])).mean() > 1.0

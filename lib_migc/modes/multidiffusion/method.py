@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...core.masks import LATENT_FACTOR
+from .windows import Window, add_into, crop, whole_canvas
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -130,17 +131,29 @@ STEPS = {"eps": fused_ddim_step_eps, "x0": fused_ddim_step_x0, "official": offic
 
 
 # ------------------------------------------------------------------------------------ whole loops
+def _window_backgrounds(bg_latents: torch.Tensor, index: torch.Tensor, window: Window) -> torch.Tensor:
+    """The drawn backgrounds for one window: (N, C) constants, or (N, C, h, w) latents cropped to it."""
+    chosen = bg_latents[index]
+    return chosen if chosen.dim() == 2 else chosen[..., :window.height, :window.width]
+
+
 def sample_regions_ddim(eps_model: EpsModel, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                         masks: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: torch.Tensor, guidance: float,
                         bootstrap_steps: int = 0, bg_latents: torch.Tensor | None = None,
-                        bg_index: torch.Tensor | None = None, fusion: str = "eps") -> torch.Tensor:
-    """The official loop (one window) with any eps model ``f(x, t, ctx)``.
+                        bg_index: torch.Tensor | None = None, fusion: str = "eps",
+                        views: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """The official loop with any eps model ``f(x, t, ctx)``, over one window or the official windows.
 
     x_T (1, C, h, w); cond/uncond (R, L, D) per region; bg_latents (K, C) or (K, C, h, w) candidate
-    backgrounds; bg_index (steps, N) the background each box uses at each bootstrapping step.
+    backgrounds (a window takes their top-left window-sized part); bg_index (steps, N) or
+    (steps, windows, N): the background each box uses at each bootstrapping step (in each window);
+    views: latent windows ``(h0, h1, w0, w1)`` (default: the whole canvas). Per window the method runs on
+    the cropped latent, masks and x_T; the sums over every window and region are divided once (§1.4).
+    ``fusion``: "official" fuses each region's stepped latent, "eps" the eps predictions and "x0" the x0
+    predictions (cond and uncond separately, then CFG and one DDIM step: the WebUI's paths), all equal.
     The last step goes to alphas_cumprod[0] (diffusers' DDIM with set_alpha_to_one=False).
     """
-    step_fn = STEPS[fusion]
+    windows = [Window(*view) for view in views] if views is not None else whole_canvas(*x_T.shape[-2:])
     x = x_T
     r = masks.shape[0]
     for s, t in enumerate(timesteps):
@@ -148,12 +161,37 @@ def sample_regions_ddim(eps_model: EpsModel, x_T: torch.Tensor, cond: torch.Tens
         prev = int(timesteps[s + 1]) if s + 1 < len(timesteps) else -1
         a_t = alphas_cumprod[t]
         a_p = alphas_cumprod[prev] if prev >= 0 else alphas_cumprod[0]
-        inputs = x.expand(r, *x.shape[1:]).clone()
-        if s < bootstrap_steps:
-            inputs[1:] = bootstrap_inputs(x, masks[1:], bg_latents[bg_index[s]], x_T, a_t)
-        t_batch = torch.full((2 * r,), t, device=x.device)
-        eps = eps_model(torch.cat([inputs, inputs]), t_batch, torch.cat([uncond, cond]))
-        x = step_fn(x, eps[:r], eps[r:], masks, guidance, a_t, a_p, region_inputs=inputs)
+        sums: list[torch.Tensor] = []  # per kind of value: Σ m·value over windows and regions
+        weight = torch.zeros_like(x[:, :1])
+        for v, window in enumerate(windows):
+            xw, mw = crop(x, window), crop(masks, window)
+            inputs = xw.expand(r, *xw.shape[1:]).clone()
+            if s < bootstrap_steps:
+                index = bg_index[s] if bg_index.dim() == 2 else bg_index[s, v]
+                inputs[1:] = bootstrap_inputs(xw, mw[1:], _window_backgrounds(bg_latents, index, window), crop(x_T, window), a_t)
+            eps = eps_model(torch.cat([inputs, inputs]), torch.full((2 * r,), t, device=x.device), torch.cat([uncond, cond]))
+            eps_u, eps_c = eps[:r], eps[r:]
+            if fusion == "official":
+                values = [ddim_step(inputs, _cfg(eps_u, eps_c, guidance), a_t, a_p)]
+            elif fusion == "x0":
+                values = [(inputs - (1 - a_t).sqrt() * e) / a_t.sqrt() for e in (eps_u, eps_c)]
+            else:
+                values = [eps_u, eps_c]
+            if not sums:
+                sums = [torch.zeros_like(x) for _ in values]
+            for total, value in zip(sums, values):
+                add_into(total, window, (mw * value).sum(0, keepdim=True))
+            add_into(weight, window, mw.sum(0, keepdim=True))
+        fused = [torch.where(weight > 0, total / weight.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros_like(total))
+                 for total in sums]
+        if fusion == "official":
+            x = fused[0]
+        elif fusion == "x0":
+            x0 = _cfg(fused[0], fused[1], guidance)
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+            x = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
+        else:
+            x = ddim_step(x, _cfg(fused[0], fused[1], guidance), a_t, a_p)
     return x
 
 

@@ -15,13 +15,15 @@ import torch
 
 from ...core import settings
 from ...core.errors import MigcError
+from ...core.families import model_family
 from ...core.masks import LATENT_FACTOR
 from ...core.text_encoding import encode_conditioning, own_global_context
 from ...params import MigcParams
-from .params import MODE_MULTIDIFFUSION
+from .params import MODE_MULTIDIFFUSION, WINDOW_WHOLE_CANVAS
 from ..base import Mode
 from ..migc.mode import fit_layout_masks, unknown_family
 from .runtime import COLOUR_POOL, Bootstrap, RegionPrompts, RegionRuntime, layout_region_masks
+from .windows import Window, plan_windows
 
 log = logging.getLogger("migc")
 
@@ -37,7 +39,8 @@ def encode_prompts(p: Any, params: MigcParams) -> RegionPrompts:
 
     layout = params.layout
     with devices.autocast():
-        cond, cond_vec = encode_conditioning(p.sd_model, layout.descriptions, p.width, p.height)
+        cond, cond_vec = (encode_conditioning(p.sd_model, layout.descriptions, p.width, p.height) if len(layout)
+                          else (torch.zeros((0, 1, 1)), None))  # a panorama without boxes: the background only
         uncond = uncond_vec = None
         if any(layout.negatives):
             main_negative = getattr(p, "negative_prompt", "") or ""
@@ -62,13 +65,20 @@ def colour_latents(p: Any, seed: int, count: int = COLOUR_POOL) -> torch.Tensor:
     return latents.float().mean(dim=(2, 3)).cpu()
 
 
-def chunk_rows(p: Any, latent_hw: tuple[int, int], dtype: torch.dtype) -> int:
-    """Most UNet rows per call: the setting, or an estimate from the free GPU memory (0 = all at once)."""
+#: Rows per call without a GPU to measure, once there are several windows: a plain CFG call's two rows
+#: and a little more, so a panorama's memory is a 512² step's, not the canvas's.
+ROWS_WITHOUT_GPU = 4
+
+
+def chunk_rows(p: Any, latent_hw: tuple[int, int], dtype: torch.dtype, windows: int = 1) -> int:
+    """Most UNet rows per call: the setting, or an estimate from the free GPU memory for rows of
+    ``latent_hw``; without CUDA all at once for one window (the rows of one canvas) and
+    :data:`ROWS_WITHOUT_GPU` for several (0 = all at once)."""
     configured = int(settings.option("migc_md_max_rows") or 0)
     if configured > 0:
         return configured
     if not torch.cuda.is_available():
-        return 0
+        return 0 if windows == 1 else ROWS_WITHOUT_GPU
     free, _ = torch.cuda.mem_get_info()
     per_row = latent_hw[0] * latent_hw[1] * ROW_BYTES_PER_LATENT_PIXEL * (torch.finfo(dtype).bits / 16)
     if getattr(p.sd_model, "is_sdxl", False):
@@ -76,21 +86,58 @@ def chunk_rows(p: Any, latent_hw: tuple[int, int], dtype: torch.dtype) -> int:
     return max(2, int(0.8 * free / per_row))
 
 
+def native_size(sd_model: Any) -> int:
+    """The side, in pixels, the model was trained at: SDXL 1024, SD2.x v-prediction (768-v) 768, else 512."""
+    family = model_family(sd_model)
+    if family == "sdxl":
+        return 1024
+    if family == "sd2" and v_prediction(sd_model):
+        return 768
+    return 512
+
+
+def v_prediction(sd_model: Any) -> bool:
+    """Whether the model predicts v (A1111 marks it on the model, Forge on its UNet's predictor)."""
+    if getattr(sd_model, "parameterization", None) == "v":
+        return True
+    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+    predictor = getattr(getattr(unet, "model", None), "predictor", None)
+    return getattr(predictor, "prediction_type", None) == "v"
+
+
+def window_plan(params: MigcParams, sd_model: Any, width: int, height: int) -> list[Window]:
+    """The latent windows of a ``width`` x ``height`` canvas: one over the whole canvas when it fits the
+    window (and no wrap), else native-size (or ``md_window``) windows every ``md_stride`` pixels."""
+    h, w = height // LATENT_FACTOR, width // LATENT_FACTOR
+    if params.md_window == WINDOW_WHOLE_CANVAS:
+        size_h, size_w = h, w
+    else:
+        size_h = size_w = (params.md_window or native_size(sd_model)) // LATENT_FACTOR
+    return plan_windows(h, w, size_h, size_w, params.md_stride // LATENT_FACTOR, params.md_wrap)
+
+
+def pass_size(p: Any, hr_pass: bool) -> tuple[int, int]:
+    """(width, height) of the first pass or of the hires pass."""
+    return (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
+
+
 def build_runtime(job: Any, hr_pass: bool, noise: torch.Tensor | None, prompts: RegionPrompts) -> RegionRuntime:
-    """Masks at this pass's size; bootstrapping only in a txt2img first pass (x_T is pure noise there)."""
+    """Masks and windows at this pass's size; bootstrapping only in a txt2img first pass with boxes (x_T is
+    pure noise there)."""
     p, params = job.p, job.params
-    width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
+    width, height = pass_size(p, hr_pass)
     masks = layout_region_masks(params.layout, width, height)
+    windows = window_plan(params, p.sd_model, width, height)
     bootstrap = None
     steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if hr_pass else int(p.steps)
     boot_steps = int(round(params.md_bootstrap * steps))
     txt2img = not hasattr(p, "init_images")
-    if boot_steps > 0 and not hr_pass and txt2img and isinstance(noise, torch.Tensor):
+    if boot_steps > 0 and len(params.layout) and not hr_pass and txt2img and isinstance(noise, torch.Tensor):
         bootstrap = Bootstrap(colour_latents(p, p.seeds[0]), noise.detach(), list(p.seeds), boot_steps)
     reference = next(job.host.unet_of(p).parameters())
-    latent = (height // LATENT_FACTOR, width // LATENT_FACTOR)
+    window = (windows[0].height, windows[0].width)
     return RegionRuntime(masks, prompts, bootstrap, alphas_cumprod=getattr(p.sd_model, "alphas_cumprod", None),
-                         chunk_rows=chunk_rows(p, latent, reference.dtype))
+                         chunk_rows=chunk_rows(p, window, reference.dtype, len(windows)), windows=windows)
 
 
 def install(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> Any:
@@ -103,6 +150,16 @@ def install(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> Any:
                                  is_current=lambda: job.is_current(hooks))
     hooks.install(job.p)
     return hooks
+
+
+def needs_windows(p: Any, params: MigcParams) -> bool:
+    """Whether some pass of this job runs more than one window (a job without boxes does nothing otherwise)."""
+    sizes = [(p.width, p.height)]
+    if getattr(p, "enable_hr", False) and params.hires:
+        sizes.append((getattr(p, "hr_upscale_to_x", 0) or 0, getattr(p, "hr_upscale_to_y", 0) or 0))
+        if not all(sizes[-1]):
+            return True  # the hires size is not known yet: let the pass decide
+    return any(len(window_plan(params, p.sd_model, width, height)) > 1 for width, height in sizes)
 
 
 def check_job(p: Any) -> None:
@@ -121,12 +178,15 @@ class MultiDiffusionMode(Mode):
                         "or naive mode to combine them.")
 
     def asked(self, params: MigcParams) -> bool:
-        return params.enabled and params.mode == MODE_MULTIDIFFUSION and len(params.layout) > 0
+        return params.enabled and params.mode == MODE_MULTIDIFFUSION  # no boxes: a panorama of the main prompt
 
     def turned_off(self, params: MigcParams) -> MigcParams:
         return replace(params, enabled=False)
 
     def decline(self, p: Any, host: ModuleType, params: MigcParams) -> str | None:
+        if not len(params.layout) and not needs_windows(p, params):
+            return ("MultiDiffusion without boxes makes panoramas and large canvases; this one fits one window, so "
+                    "there was nothing to do: draw boxes, or make the canvas larger than the window.")
         return unknown_family(p, params.mode)
 
     def start(self, job: Any) -> None:
@@ -139,5 +199,7 @@ class MultiDiffusionMode(Mode):
     def begin_pass(self, job: Any, hr_pass: bool, noise: Any) -> Any:
         if not self.runs_in_pass(job.params, hr_pass):
             return None
+        if not len(job.params.layout) and len(window_plan(job.params, job.p.sd_model, *pass_size(job.p, hr_pass))) == 1:
+            return None  # a panorama's pass that fits one window is a plain pass
         with torch.no_grad():
             return install(job, hr_pass, noise)

@@ -20,7 +20,8 @@ from ...core.errors import MigcError
 from ...core.hook_points import ModelCall, ModelRows
 from ...core.layout import Layout
 from ...core.masks import LATENT_FACTOR, fitted_mask
-from .method import bootstrap_inputs, bootstrap_inputs_sigma, fuse_rows, pixel_boxes, region_masks
+from .method import bootstrap_inputs, bootstrap_inputs_sigma, pixel_boxes, region_masks
+from .windows import Window, add_into, crop, whole_canvas, with_crop_coordinates
 
 #: Candidate background colours for bootstrapping (the official code draws one per bootstrapping step).
 COLOUR_POOL = 20
@@ -68,13 +69,14 @@ class Bootstrap:
     def active(self, step: int) -> bool:
         return step < self.steps
 
-    def backgrounds(self, image: int, step: int, regions: int) -> torch.Tensor:
-        """(regions, C) colours for ``image`` at ``step``: drawn once per step, shared by its cond and
-        uncond rows and by every model call of that step (the official x̃ is built once per step)."""
+    def backgrounds(self, image: int, step: int, regions: int, windows: int = 1) -> torch.Tensor:
+        """(windows, regions, C) colours for ``image`` at ``step``, one per window and box as the official
+        code draws them: drawn once per step, shared by its cond and uncond rows and by every model call of
+        that step (the official x̃ is built once per step). One window draws what versions before windows drew."""
         key = (image, step)
         if key not in self._draws:
             g = torch.Generator().manual_seed(int(self.seeds[min(image, len(self.seeds) - 1)]) * 1009 + step)
-            index = torch.randint(len(self.colours), (regions,), generator=g)
+            index = torch.randint(len(self.colours), (windows, regions), generator=g)
             self._draws[key] = self.colours[index]
         return self._draws[key]
 
@@ -122,6 +124,7 @@ class RegionRuntime:
         space: str = "k",
         alphas_cumprod: torch.Tensor | None = None,
         chunk_rows: int = 0,
+        windows: Sequence[Window] | None = None,
     ) -> None:
         if masks.shape[0] != prompts.count + 1:
             raise ValueError(f"{masks.shape[0]} masks for {prompts.count} regions plus the background")
@@ -129,6 +132,7 @@ class RegionRuntime:
             raise ValueError("bootstrapping in VP space needs alphas_cumprod")
         self.masks, self.prompts, self.bootstrap = masks, prompts, bootstrap
         self.space, self.alphas_cumprod, self.chunk_rows = space, alphas_cumprod, int(chunk_rows)
+        self.windows = list(windows) if windows is not None else whole_canvas(*masks.shape[-2:])
         self.calls = 0  # model calls made (for tests and the bench)
 
     @property
@@ -162,37 +166,60 @@ class RegionRuntime:
         images: Sequence[int],
         step: int,
     ) -> torch.Tensor:
-        """The fused model output for rows ``x`` (B, C, h, w) of the given kinds and images."""
+        """The fused model output for rows ``x`` (B, C, h, w) of the given kinds and images: each row
+        becomes one model row per window and region (one per window for an uncond row all regions share),
+        and ``Σ m·out / Σ m`` over every window and region is divided once (official §1.4)."""
         boot = self.bootstrap if self.bootstrap is not None and self.bootstrap.active(step) else None
         masks = self.masks.to(device=x.device, dtype=x.dtype)  # once per call, not per row
-        plan: list[tuple[int, int]] = []  # per input row: (first expanded row, number of region rows)
+        windows = self.windows
+        window_masks = [crop(masks, window) for window in windows]
+        plan: list[list[tuple[int, int]]] = []  # per input row, per window: (first expanded row, region rows)
         xs, lv, ctx, vec, src = [], [], [], [], []
         for r, cond in enumerate(is_cond):
             regional = cond or boot is not None or self.prompts.uncond is not None
-            rows = self._region_inputs(x[r], levels[r], images[r], step, boot, masks[1:]) if regional else x[r:r + 1]
-            plan.append((len(src), rows.shape[0]))
-            xs.append(rows)
-            lv.append(levels[r:r + 1].expand(rows.shape[0]))
-            c, v = self._region_contexts(contexts[r], None if vectors is None else vectors[r], cond, rows.shape[0])
-            ctx.extend(c)
-            vec.extend(v)
-            src.extend([r] * rows.shape[0])
+            colours = boot.backgrounds(images[r], step, self.prompts.count, len(windows)) if boot is not None else None
+            row_plan = []
+            for v, window in enumerate(windows):
+                xw = crop(x[r], window)
+                rows = (self._region_inputs(xw, levels[r], images[r], boot, window_masks[v][1:], window,
+                                            None if colours is None else colours[v]) if regional else xw[None])
+                row_plan.append((len(src), rows.shape[0]))
+                xs.append(rows)
+                lv.append(levels[r:r + 1].expand(rows.shape[0]))
+                c, e = self._region_contexts(contexts[r], None if vectors is None else vectors[r], cond, rows.shape[0])
+                if len(windows) > 1:  # SDXL: each window conditioned as the crop it is
+                    e = [None if vector is None else with_crop_coordinates(vector, window) for vector in e]
+                ctx.extend(c)
+                vec.extend(e)
+                src.extend([r] * rows.shape[0])
+            plan.append(row_plan)
         out = self._run(call, torch.cat(xs), torch.cat(lv), lcm_tile(ctx), vec, torch.tensor(src, device=x.device))
-        fused = []
-        for start, count in plan:
-            rows = out[start:start + count]
-            fused.append(rows[0] if count == 1 else fuse_rows(rows[None], masks)[0])
-        return torch.stack(fused)
+        return torch.stack([self._fuse_windows(out, row_plan, window_masks, x.shape[1:]) for row_plan in plan])
 
-    def _region_inputs(self, x: torch.Tensor, level: torch.Tensor, image: int, step: int, boot: Bootstrap | None,
-                       fg: torch.Tensor) -> torch.Tensor:
-        """(R, C, h, w): the row itself for the background, and for each box the row or, while
-        bootstrapping, the row inside the box over a noised constant colour outside it."""
+    def _fuse_windows(self, out: torch.Tensor, row_plan: list[tuple[int, int]], window_masks: list[torch.Tensor],
+                      shape: torch.Size) -> torch.Tensor:
+        """One row's ``Σ m·out / Σ m`` over its windows and regions (an uncond row shared by all regions
+        weighs 1 per window), 0 where nothing covers a cell; in at least float32, like :func:`fuse`."""
+        work = torch.promote_types(out.dtype, torch.float32)
+        total = torch.zeros(shape, device=out.device, dtype=work)
+        weight = torch.zeros((1, *shape[1:]), device=out.device, dtype=work)
+        for window, (start, count), wm in zip(self.windows, row_plan, window_masks):
+            rows = out[start:start + count].to(work)
+            m = wm.to(work) if count > 1 else torch.ones_like(rows[:, :1])
+            add_into(total, window, (m * rows).sum(0))
+            add_into(weight, window, m.sum(0))
+        fused = total / weight.clamp(min=torch.finfo(work).tiny)
+        return torch.where(weight > 0, fused, torch.zeros_like(fused)).to(out.dtype)
+
+    def _region_inputs(self, x: torch.Tensor, level: torch.Tensor, image: int, boot: Bootstrap | None,
+                       fg: torch.Tensor, window: Window, colours: torch.Tensor | None) -> torch.Tensor:
+        """(R, C, h, w) for one window: the row itself for the background, and for each box the row or,
+        while bootstrapping, the row inside the box over a noised constant colour outside it."""
         n = self.prompts.count
         if boot is None:
             return x[None].expand(n + 1, *x.shape)
-        colours = boot.backgrounds(image, step, n).to(device=x.device, dtype=x.dtype)
-        noise0 = boot.noise0[min(image, len(boot.noise0) - 1)].to(device=x.device, dtype=x.dtype)
+        colours = colours.to(device=x.device, dtype=x.dtype)
+        noise0 = crop(boot.noise0[min(image, len(boot.noise0) - 1)], window).to(device=x.device, dtype=x.dtype)
         if self.space == "vp":
             alpha = self.alphas_cumprod.to(x.device)[level.long()].to(x.dtype)
             boxes = bootstrap_inputs(x[None], fg, colours, noise0[None], alpha)
