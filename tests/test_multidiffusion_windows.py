@@ -58,6 +58,10 @@ def test_wrapped_windows_cover_every_column_equally_and_run_past_the_right_edge(
 def test_the_native_window_follows_the_family(family, v, expected):
     model = SimpleNamespace(**{f"is_{family}": True}, parameterization="v" if v else "eps")
     assert native_size(model) == expected
+    predictor = SimpleNamespace(prediction_type="v_prediction" if v else "epsilon")  # Forge: on its KModel's predictor
+    forge_model = SimpleNamespace(**{f"is_{family}": True}, forge_objects=SimpleNamespace(
+        unet=SimpleNamespace(model=SimpleNamespace(predictor=predictor))))
+    assert native_size(forge_model) == expected
 
 
 def test_window_settings_choose_the_plan():

@@ -102,7 +102,7 @@ def v_prediction(sd_model: Any) -> bool:
         return True
     unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
     predictor = getattr(getattr(unet, "model", None), "predictor", None)
-    return getattr(predictor, "prediction_type", None) == "v"
+    return getattr(predictor, "prediction_type", None) in ("v", "v_prediction")
 
 
 def window_plan(params: MigcParams, sd_model: Any, width: int, height: int) -> list[Window]:
