@@ -22,10 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_multidiffusion import SIGMA, full_size_setup, k_denoiser, peak_mib  # noqa: E402
+from bench_multidiffusion import SIGMA, full_size_setup, k_denoiser, panorama_step, peak_mib  # noqa: E402
 from timing import median_ms  # noqa: E402
-from lib_migc.modes.multidiffusion.runtime import RegionPrompts, RegionRuntime  # noqa: E402
-from lib_migc.modes.multidiffusion.windows import plan_windows  # noqa: E402
 
 
 
@@ -49,13 +47,7 @@ def main() -> None:
         return lambda: model(torch.cat([x, x]), torch.full((2,), SIGMA, device=device), ctx, None, None)
 
     def windowed(height: int, width: int, stride: int):
-        x = latent(height, width)
-        windows = plan_windows(height // 8, width // 8, 64, 64, stride // 8)
-        masks = torch.ones((1, 1, height // 8, width // 8), device=device, dtype=dtype)
-        runtime = RegionRuntime(masks, RegionPrompts(torch.zeros((0, 77, 768))), None, space="k", chunk_rows=args.chunk,
-                                windows=windows)
-        sigma = torch.full((2,), SIGMA, device=device)
-        return len(windows), lambda: runtime.denoise(model, torch.cat([x, x]), sigma, ctx, None, [True, False], [0, 0], 0)
+        return panorama_step(model, latent(height, width), ctx, args.chunk, stride)
 
     def peak(fn) -> float:
         return float("nan") if args.no_memory else peak_mib(fn, cuda)

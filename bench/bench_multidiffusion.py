@@ -46,6 +46,21 @@ def k_denoiser(unet: torch.nn.Module, device: torch.device, sigma: float = SIGMA
     return model
 
 
+def panorama_step(model, x: torch.Tensor, ctx: torch.Tensor, chunk: int, stride_px: int = 64):
+    """(windows, fn): one windowed denoiser step of a box-free panorama ``x`` (1, C, h, w) in 512-px
+    windows every ``stride_px``, with a cond and an uncond row, through the runtime the hooks call."""
+    from lib_migc.modes.multidiffusion.runtime import RegionPrompts, RegionRuntime
+    from lib_migc.modes.multidiffusion.windows import plan_windows
+
+    h, w = x.shape[-2:]
+    windows = plan_windows(h, w, 64, 64, stride_px // 8)
+    masks = torch.ones((1, 1, h, w), device=x.device, dtype=x.dtype)
+    runtime = RegionRuntime(masks, RegionPrompts(torch.zeros((0, 77, 768))), None, space="k", chunk_rows=chunk,
+                            windows=windows)
+    sigma = torch.full((2,), SIGMA, device=x.device)
+    return len(windows), lambda: runtime.denoise(model, torch.cat([x, x]), sigma, ctx, None, [True, False], [0, 0], 0)
+
+
 def peak_mib(fn, cuda: bool) -> float:
     """Extra peak memory of one call of ``fn``: the CUDA allocator's peak, or on the CPU the peak of live tensor storages."""
     if cuda:

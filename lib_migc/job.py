@@ -19,7 +19,7 @@ from typing import Any
 from .core import host_memory
 from .core.draw import draw_layout
 from .core.errors import MigcError, argument_error, unexpected_error
-from .hosts.base import sampler_step
+from .hosts.base import pass_size, sampler_step
 from .modes.registry import MODES, attention_session, begin_passes, effective_params
 from .params import INFOTEXT_KEY, MigcParams, asks_for_anything
 
@@ -152,8 +152,7 @@ def before_sampling(p: Any, noise: Any = None) -> None:
         job.session = attention_session(job)
     from modules import devices
 
-    width, height = (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
-    job.session.begin_pass(width, height, list(p.seeds), devices.device)
+    job.session.begin_pass(*pass_size(p, hr_pass), list(p.seeds), devices.device)
     job.hooks, processor = begin_passes(job, modes, hr_pass, noise)
     attention = job.hooks["attention"] = job.host.Hooks(processor, on_error=_finish, is_current=lambda: _active is job)
     attention.install(p)

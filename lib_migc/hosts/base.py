@@ -93,6 +93,11 @@ def weak_patch(owner: Any, method: Callable[..., Any], inert: Callable[..., Any]
     return call
 
 
+def pass_size(p: Any, hr_pass: bool) -> tuple[int, int]:
+    """(width, height) in pixels of a job's first pass or of its hires pass (both hosts name them alike)."""
+    return (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
+
+
 def sampler_step(params: Any) -> tuple[int, int]:
     """(step index, steps) of the sampler for a CFG-denoiser call.
 

@@ -72,13 +72,18 @@ def bootstrap_inputs_sigma(x_k: torch.Tensor, fg_masks: torch.Tensor, bg: torch.
 
 
 # ------------------------------------------------------------------------------------ fusion
+def divide_covered(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``total / weight`` where some region (or window) covers a cell, 0 where none does: the one division
+    of the method, after every ``Σ m·value`` has been summed."""
+    fused = total / weight.clamp(min=torch.finfo(total.dtype).tiny)
+    return torch.where(weight > 0, fused, torch.zeros_like(fused))
+
+
 def fuse(preds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Σ m_i p_i / Σ m_i over the region axis (0), 0 where no region covers a pixel; at least float32."""
     work = torch.promote_types(preds.dtype, torch.float32)
     p, m = preds.to(work), masks.to(device=preds.device, dtype=work)
-    total = m.sum(0)
-    fused = (m * p).sum(0) / total.clamp(min=torch.finfo(work).tiny)
-    return torch.where(total > 0, fused, torch.zeros_like(fused)).to(preds.dtype)
+    return divide_covered((m * p).sum(0), m.sum(0)).to(preds.dtype)
 
 
 def fuse_rows(preds: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -93,6 +98,12 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float | torch.Ten
     a_t = torch.as_tensor(alpha_bar_t, dtype=x.dtype, device=x.device)
     a_p = torch.as_tensor(alpha_bar_prev, dtype=x.dtype, device=x.device)
     x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
+
+
+def ddim_step_from_x0(x: torch.Tensor, x0: torch.Tensor, a_t: torch.Tensor, a_p: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step given the predicted x0 (the eps it implies for ``x``, then the step)."""
+    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     return a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
 
 
@@ -116,8 +127,7 @@ def fused_ddim_step_x0(x_t, eps_uncond, eps_cond, masks, guidance, alpha_bar_t, 
     inputs = x_t.expand_as(eps_cond) if region_inputs is None else region_inputs
     x0 = lambda eps: (inputs - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # noqa: E731
     x0_fused = _cfg(fuse(x0(eps_uncond), masks), fuse(x0(eps_cond), masks), guidance)
-    eps = (x_t - a_t.sqrt() * x0_fused) / (1 - a_t).sqrt()
-    return (a_p.sqrt() * x0_fused + (1 - a_p).sqrt() * eps).reshape(x_t.shape)
+    return ddim_step_from_x0(x_t, x0_fused, a_t, a_p).reshape(x_t.shape)
 
 
 def official_ddim_step(x_t, eps_uncond, eps_cond, masks, guidance, alpha_bar_t, alpha_bar_prev, region_inputs=None):
@@ -182,14 +192,11 @@ def sample_regions_ddim(eps_model: EpsModel, x_T: torch.Tensor, cond: torch.Tens
             for total, value in zip(sums, values):
                 add_into(total, window, (mw * value).sum(0, keepdim=True))
             add_into(weight, window, mw.sum(0, keepdim=True))
-        fused = [torch.where(weight > 0, total / weight.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros_like(total))
-                 for total in sums]
+        fused = [divide_covered(total, weight) for total in sums]
         if fusion == "official":
             x = fused[0]
         elif fusion == "x0":
-            x0 = _cfg(fused[0], fused[1], guidance)
-            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-            x = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
+            x = ddim_step_from_x0(x, _cfg(fused[0], fused[1], guidance), a_t, a_p)
         else:
             x = ddim_step(x, _cfg(fused[0], fused[1], guidance), a_t, a_p)
     return x

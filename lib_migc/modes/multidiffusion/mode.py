@@ -18,6 +18,7 @@ from ...core.errors import MigcError
 from ...core.families import model_family
 from ...core.masks import LATENT_FACTOR
 from ...core.text_encoding import encode_conditioning, own_global_context
+from ...hosts.base import pass_size
 from ...params import MigcParams
 from .params import MODE_MULTIDIFFUSION, WINDOW_WHOLE_CANVAS
 from ..base import Mode
@@ -114,11 +115,6 @@ def window_plan(params: MigcParams, sd_model: Any, width: int, height: int) -> l
     else:
         size_h = size_w = (params.md_window or native_size(sd_model)) // LATENT_FACTOR
     return plan_windows(h, w, size_h, size_w, params.md_stride // LATENT_FACTOR, params.md_wrap)
-
-
-def pass_size(p: Any, hr_pass: bool) -> tuple[int, int]:
-    """(width, height) of the first pass or of the hires pass."""
-    return (p.hr_upscale_to_x, p.hr_upscale_to_y) if hr_pass else (p.width, p.height)
 
 
 def build_runtime(job: Any, hr_pass: bool, noise: torch.Tensor | None, prompts: RegionPrompts) -> RegionRuntime:

@@ -20,8 +20,8 @@ from ...core.errors import MigcError
 from ...core.hook_points import ModelCall, ModelRows
 from ...core.layout import Layout
 from ...core.masks import LATENT_FACTOR, fitted_mask
-from .method import bootstrap_inputs, bootstrap_inputs_sigma, pixel_boxes, region_masks
-from .windows import Window, add_into, crop, whole_canvas, with_crop_coordinates
+from .method import bootstrap_inputs, bootstrap_inputs_sigma, divide_covered, pixel_boxes, region_masks
+from .windows import Window, add_into, crop, whole_canvas, window_vectors
 
 #: Candidate background colours for bootstrapping (the official code draws one per bootstrapping step).
 COLOUR_POOL = 20
@@ -178,20 +178,19 @@ class RegionRuntime:
         for r, cond in enumerate(is_cond):
             regional = cond or boot is not None or self.prompts.uncond is not None
             colours = boot.backgrounds(images[r], step, self.prompts.count, len(windows)) if boot is not None else None
+            count = self.prompts.count + 1 if regional else 1
+            c, e = self._region_contexts(contexts[r], None if vectors is None else vectors[r], cond, count)
             row_plan = []
             for v, window in enumerate(windows):
                 xw = crop(x[r], window)
                 rows = (self._region_inputs(xw, levels[r], images[r], boot, window_masks[v][1:], window,
                                             None if colours is None else colours[v]) if regional else xw[None])
-                row_plan.append((len(src), rows.shape[0]))
+                row_plan.append((len(src), count))
                 xs.append(rows)
-                lv.append(levels[r:r + 1].expand(rows.shape[0]))
-                c, e = self._region_contexts(contexts[r], None if vectors is None else vectors[r], cond, rows.shape[0])
-                if len(windows) > 1:  # SDXL: each window conditioned as the crop it is
-                    e = [None if vector is None else with_crop_coordinates(vector, window) for vector in e]
+                lv.append(levels[r:r + 1].expand(count))
                 ctx.extend(c)
-                vec.extend(e)
-                src.extend([r] * rows.shape[0])
+                vec.extend(e if len(windows) == 1 else window_vectors(e, window))  # SDXL: each window as its crop
+                src.extend([r] * count)
             plan.append(row_plan)
         out = self._run(call, torch.cat(xs), torch.cat(lv), lcm_tile(ctx), vec, torch.tensor(src, device=x.device))
         return torch.stack([self._fuse_windows(out, row_plan, window_masks, x.shape[1:]) for row_plan in plan])
@@ -208,8 +207,7 @@ class RegionRuntime:
             m = wm.to(work) if count > 1 else torch.ones_like(rows[:, :1])
             add_into(total, window, (m * rows).sum(0))
             add_into(weight, window, m.sum(0))
-        fused = total / weight.clamp(min=torch.finfo(work).tiny)
-        return torch.where(weight > 0, fused, torch.zeros_like(fused)).to(out.dtype)
+        return divide_covered(total, weight).to(out.dtype)
 
     def _region_inputs(self, x: torch.Tensor, level: torch.Tensor, image: int, boot: Bootstrap | None,
                        fg: torch.Tensor, window: Window, colours: torch.Tensor | None) -> torch.Tensor:

@@ -133,3 +133,15 @@ def with_crop_coordinates(vector: torch.Tensor, window: Window) -> torch.Tensor:
     out = vector.clone()
     out[..., SDXL_CROP] = size_embedding((8 * window.h0, 8 * window.w0), vector)
     return out
+
+
+def window_vectors(vectors: Sequence[torch.Tensor | None], window: Window) -> list[torch.Tensor | None]:
+    """Each row's vector with the window's crop coordinates; rows that share one vector share its copy,
+    so the embedding is computed once per window and distinct vector, not once per region."""
+    done: dict[int, torch.Tensor | None] = {}
+    out = []
+    for vector in vectors:
+        if id(vector) not in done:
+            done[id(vector)] = None if vector is None else with_crop_coordinates(vector, window)
+        out.append(done[id(vector)])
+    return out
