@@ -1,14 +1,15 @@
 """Where a windowed MultiDiffusion job's memory peaks: the UNet's windows or the VAE at the full canvas.
 
     python bench/bench_md_memory.py [--panorama 512x4608] [--unet-canvas 512x768] [--upscale 2048x2048]
-                                    [--chunk 4] [--device cpu|cuda] [--threads N]
+                                    [--chunk 4] [--tiled-only] [--device cpu|cuda] [--threads N]
 
 Measures, with the real ldm modules (random weights, SD1 configs, A1111's 'sdp' attention in the UNet
 and the VAE), the peak memory of: one windowed denoiser step (512-px windows, 64-px stride, ``--chunk``
 UNet rows per call, as the mode runs it; its peak is set by the chunk, not the canvas, so a
 ``--unet-canvas`` of a few windows stands for the panorama and keeps the CPU run short), the VAE decode
-of the ``--panorama`` canvas, and the VAE encode of a ``--upscale`` img2img input (CUDA allocator peak; CPU: peak of live
-tensor storages). Prints each peak and its time. Asserts nothing.
+of the ``--panorama`` canvas, and the VAE encode of a ``--upscale`` img2img input, each tiled
+(lib_migc/core/tiled_vae.py, what the mode installs) and untiled (CUDA allocator peak; CPU: peak of
+live tensor storages). Prints each peak and its time. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_multidiffusion import SIGMA, full_size_setup, k_denoiser, peak_mib  # noqa: E402
-from lib_migc.modes.multidiffusion.runtime import RegionPrompts, RegionRuntime  # noqa: E402
-from lib_migc.modes.multidiffusion.windows import plan_windows  # noqa: E402
+from bench_multidiffusion import SIGMA, full_size_setup, k_denoiser, panorama_step, peak_mib  # noqa: E402
+from lib_migc.core import tiled_vae  # noqa: E402
 
 #: SD1's first-stage config (v1-inference.yaml ddconfig).
 VAE_CONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2, 4, 4),
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--unet-canvas", default="512x768", help="HxW of the canvas the UNet step runs on")
     parser.add_argument("--upscale", default="2048x2048", help="HxW of the img2img canvas")
     parser.add_argument("--chunk", type=int, default=4)
+    parser.add_argument("--tiled-only", action="store_true", help="skip the untiled VAE (which may not fit)")
     args, device, dtype, sync, unet = full_size_setup(parser)
     cuda = device.type == "cuda"
     use_sdp_vae_attention()
@@ -72,20 +73,17 @@ def main() -> None:
     pano_h, pano_w = map(int, args.panorama.split("x"))
     z = torch.randn((1, 4, pano_h // 8, pano_w // 8), generator=g).to(device, dtype)
     ctx = torch.randn((2, 77, 768), generator=g).to(device, dtype)
-    windows = plan_windows(height // 8, width // 8, 64, 64, 8)
-    masks = torch.ones((1, 1, height // 8, width // 8), device=device, dtype=dtype)
-    runtime = RegionRuntime(masks, RegionPrompts(torch.zeros((0, 77, 768))), None, space="k", chunk_rows=args.chunk,
-                            windows=windows)
-    model = k_denoiser(unet, device, SIGMA)
-    sigma = torch.full((2,), SIGMA, device=device)
+    count, step = panorama_step(k_denoiser(unet, device, SIGMA), x, ctx, args.chunk)
     up_h, up_w = map(int, args.upscale.split("x"))
     image = torch.rand((1, 3, up_h, up_w), generator=g).to(device, dtype) * 2 - 1
     cases = [
-        (f"UNet step, {args.unet_canvas} canvas, {len(windows)} windows, {args.chunk} rows per call",
-         lambda: runtime.denoise(model, torch.cat([x, x]), sigma, ctx, None, [True, False], [0, 0], 0)),
-        (f"VAE decode, {args.panorama}", lambda: decoder(z)),
-        (f"VAE encode, {args.upscale} (img2img)", lambda: encoder(image)),
+        (f"UNet step, {args.unet_canvas} canvas, {count} windows, {args.chunk} rows per call", step),
+        (f"VAE decode, {args.panorama}, tiled ({tiled_vae.TILE_LATENT * 8}-px tiles)", lambda: tiled_vae.decode_tiled(decoder, z)),
+        (f"VAE encode, {args.upscale} (img2img), tiled", lambda: tiled_vae.encode_tiled(encoder, image)),
     ]
+    if not args.tiled_only:
+        cases += [(f"VAE decode, {args.panorama}, untiled", lambda: decoder(z)),
+                  (f"VAE encode, {args.upscale} (img2img), untiled", lambda: encoder(image))]
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name}, {dtype}, torch {torch.__version__}")
     print("| what | peak MiB | seconds |")

@@ -4,8 +4,8 @@ For each mode the job asks for (:mod:`lib_migc.modes.registry`): decline or excl
 image), ``start`` (checks, infotext fields), per sampling pass ``begin_pass`` (its hooks); every mode frees
 what the job does not use. The WebUI swallows exceptions in Script callbacks, so an error found before
 sampling waits on the attention session and the first hooked call raises it (the UI shows it, the API
-answers 4xx), after taking every hook away. A job is released after each batch (hooks), when the WebUI
-closes its ``p`` (failed and interrupted jobs too), when one of our hooks raises, and at the next job.
+answers 4xx), after taking every hook away. A job is released after each batch (a pass's hooks; patches that last the
+job, like the tiled VAE, at its end), when the WebUI closes its ``p`` (failed and interrupted jobs too), when one of our hooks raises, and at the next job.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class Job:
     session: Any = None
     hooks: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    lasting: list[Any] = field(default_factory=list)  # patches for the whole job (the VAE's), removed at its end
 
     def write_infotext(self) -> None:
         self.p.extra_generation_params[INFOTEXT_KEY] = self.params.to_infotext(**self.infotext)
@@ -65,6 +66,8 @@ def _finish() -> None:
     global _active
     if _active is not None:
         _remove_hooks(_active)
+        while _active.lasting:
+            _active.lasting.pop().remove()
         _active = None
         host_memory.trim()
 

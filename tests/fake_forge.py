@@ -292,7 +292,8 @@ class ClassicTextProcessingEngine(FrozenCLIPEmbedderWithCustomWords):
 class ForgeSDModel(torch.nn.Module):
     def __init__(self, unet, text_model, family="sd1"):
         super().__init__()
-        self.forge_objects = SimpleNamespace(unet=UnetPatcher(KModel(unet)))
+        # forge_objects.vae is backend.patcher.vae.VAE; tests that decode give its module an encoder and decoder
+        self.forge_objects = SimpleNamespace(unet=UnetPatcher(KModel(unet)), vae=SimpleNamespace(first_stage_model=torch.nn.Module()))
         self.text_processing_engine = ClassicTextProcessingEngine(text_model)
         self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd1", family == "sd2", family == "sdxl"
 

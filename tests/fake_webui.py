@@ -179,6 +179,7 @@ class FakeSDModel(torch.nn.Module):
     def __init__(self, unet, text_model, family="sd1"):
         super().__init__()
         self.model = SimpleNamespace(diffusion_model=unet)
+        self.first_stage_model = torch.nn.Module()  # tests that decode give it ldm's encoder and decoder
         self.cond_stage_model = FrozenCLIPEmbedderWithCustomWords(text_model)
         self.cond_stage_key = "txt"
         self.is_sd1, self.is_sd2, self.is_sdxl = family == "sd1", family == "sd2", family == "sdxl"

@@ -15,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "migc_default_naive_steps": 0.0,
     "migc_default_hires": False,
     "migc_md_max_rows": 0,
+    "migc_tiled_vae": "Auto",
     "migc_keep_weights": False,
 }
 
@@ -58,6 +59,8 @@ def register() -> None:
         "migc_default_hires": info(DEFAULTS["migc_default_hires"], "Run MIGC in the hires-fix pass by default", section=section),
         "migc_md_max_rows": info(DEFAULTS["migc_md_max_rows"], "MultiDiffusion: most UNet rows per call (0 = from free GPU memory; lower it if you run out of memory)",
                                  gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}, section=section),
+        "migc_tiled_vae": info(DEFAULTS["migc_tiled_vae"], "MultiDiffusion: tiled VAE decode and encode (the same image, in bounded memory; Auto: images above 1024x1024 pixels)",
+                               gr.Radio, {"choices": ["Auto", "Always", "Never"]}, section=section),
         "migc_keep_weights": info(DEFAULTS["migc_keep_weights"], "Keep the MIGC weights loaded between jobs (off: a job that does not use them, or a switch to a model MIGC cannot use, frees them; the next MIGC job reloads them in about a second)",
                                   section=section),
     }

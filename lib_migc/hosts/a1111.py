@@ -98,6 +98,11 @@ def unet_of(p: Any) -> nn.Module:
     return p.sd_model.model.diffusion_model
 
 
+def vae_of(p: Any) -> nn.Module:
+    """The first-stage autoencoder (its ``encoder`` and ``decoder``) of A1111's loaded SD model."""
+    return p.sd_model.first_stage_model
+
+
 def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     """What A1111 adds to the host-neutral checks: hypernetworks and edit models change attn2."""
     if getattr(p.sd_model, "cond_stage_key", None) == "edit":

@@ -54,6 +54,11 @@ def unet_of(p: Any) -> nn.Module:
     return p.sd_model.forge_objects.unet.model.diffusion_model
 
 
+def vae_of(p: Any) -> nn.Module:
+    """The autoencoder module (its ``encoder`` and ``decoder``) behind Forge's VAE patcher."""
+    return p.sd_model.forge_objects.vae.first_stage_model
+
+
 def decline_reason(p: Any, feature: str = "MIGC") -> str | None:
     return None
 

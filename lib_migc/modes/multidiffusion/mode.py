@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ...core import settings
+from ...core import settings, tiled_vae
 from ...core.errors import MigcError
 from ...core.families import model_family
 from ...core.masks import LATENT_FACTOR
@@ -188,6 +188,7 @@ class MultiDiffusionMode(Mode):
     def start(self, job: Any) -> None:
         fit_layout_masks(job)
         check_job(job.p)
+        job.lasting.append(tiled_vae.install(job.host.vae_of(job.p), settings.option("migc_tiled_vae")))
 
     def runs_in_pass(self, params: MigcParams, hr_pass: bool) -> bool:
         return not hr_pass or params.hires
