@@ -171,3 +171,12 @@ def test_a_windowed_img2img_upscale_runs_and_differs_from_plain_img2img(webui, p
     status, base = webui.request("/sdapi/v1/img2img", payload)
     assert status == 200, base
     assert abs(pixels(body["images"][0]) - pixels(base["images"][0])).mean() > 1.0
+
+
+def test_the_tiled_vae_gives_the_panorama_the_untiled_image(webui, panorama):
+    """``migc_tiled_vae``: Auto leaves a 512x1024 decode untiled; Always tiles it (512-px tiles, shared
+    GroupNorm statistics) and the image stays within a few grey levels; the setting is restored after."""
+    status, tiled = webui.txt2img({**_with(WINDOWS, **PANORAMA), "override_settings": {"migc_tiled_vae": "Always"}})
+    assert status == 200, tiled
+    difference = abs(pixels(tiled["images"][0]) - pixels(panorama["images"][0]))
+    assert difference.max() <= 3, f"largest difference {difference.max()} grey levels"
