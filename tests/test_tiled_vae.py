@@ -74,37 +74,31 @@ def test_statistics_combined_from_tiles_are_the_whole_images():
 
 
 # ---------------------------------------------------------------------------------------------- the image
-def test_a_tiled_decode_is_the_untiled_image(tiny):
-    _, decoder = tiny
-    z = _latent(24, 48)
+def _decoded(decoder, z, **tiling):
+    """(untiled image, tiled image, largest difference in grey levels)."""
     with torch.no_grad():
-        whole = decoder(z)
-        tiled = tiled_vae.decode_tiled(decoder, z, tile=12, pad=16)
+        whole, tiled = decoder(z), tiled_vae.decode_tiled(decoder, z, **tiling)
+    return whole, tiled, float((grey_levels(tiled) - grey_levels(whole)).abs().max())
+
+
+def test_a_tiled_decode_is_the_untiled_image(tiny):
+    whole, tiled, grey = _decoded(tiny[1], _latent(24, 48), tile=12, pad=16)
     assert whole.std() > 0.2, "a random VAE that draws something, or the comparison proves nothing"
     assert len(tiled_vae.plan_tiles(24, 48, 12, 16)) == 8
-    assert (grey_levels(tiled) - grey_levels(whole)).abs().max() <= 1
+    assert grey <= 1
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-4)
 
 
 def test_without_overlap_the_seams_show(tiny):
     """Why the overlap: tiles that see no neighbours differ by far more than a few grey levels."""
-    _, decoder = tiny
-    z = _latent(24, 48)
-    with torch.no_grad():
-        whole = decoder(z)
-        seamed = tiled_vae.decode_tiled(decoder, z, tile=12, pad=0)
-    assert (grey_levels(seamed) - grey_levels(whole)).abs().max() > 10
+    assert _decoded(tiny[1], _latent(24, 48), tile=12, pad=0)[2] > 10
 
 
 def test_without_shared_statistics_the_tiles_differ(tiny, monkeypatch):
     """Why the lockstep: each tile normalised with its own core's statistics differs visibly."""
-    _, decoder = tiny
+    monkeypatch.setattr(tiled_vae, "run_in_lockstep", _each_on_its_own)
     z = _latent(24, 48) + torch.linspace(-2, 2, 48)  # a canvas whose halves have different statistics
-    with torch.no_grad():
-        whole = decoder(z)
-        monkeypatch.setattr(tiled_vae, "run_in_lockstep", _each_on_its_own)
-        own = tiled_vae.decode_tiled(decoder, z, tile=12, pad=16)
-    assert (grey_levels(own) - grey_levels(whole)).abs().max() > 10
+    assert _decoded(tiny[1], z, tile=12, pad=16)[2] > 10
 
 
 def _each_on_its_own(programs):
@@ -140,12 +134,8 @@ def test_the_global_attention_is_ldms_attention_block_in_query_chunks(monkeypatc
 
 def test_the_sd1_vae_at_full_size_decodes_the_same_image_in_tiles():
     """SD1's own channel counts (shapes where they matter): three tiles of a 192x576 canvas."""
-    _, decoder = _vae(SD1_VAE)
-    z = _latent(24, 72)
-    with torch.no_grad():
-        whole = decoder(z)
-        tiled = tiled_vae.decode_tiled(decoder, z, tile=24)
-    assert (grey_levels(tiled) - grey_levels(whole)).abs().max() <= 1
+    whole, tiled, grey = _decoded(_vae(SD1_VAE)[1], _latent(24, 72), tile=24)
+    assert grey <= 1
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-4)
 
 
