@@ -455,3 +455,17 @@ def test_a_panorama_whose_first_pass_fits_one_window_samples_it_plainly(webui_mo
     job.before_sampling(p, noise=None)
     assert len(job.active_job().hooks["multidiffusion"].runtime.windows) == 5
     _finish(p)
+
+
+def test_window_vectors_give_each_row_its_crop_coordinates_and_share_copies_of_shared_vectors():
+    from lib_migc.modes.multidiffusion.windows import window_vectors, with_crop_coordinates
+
+    own, box = torch.randn((2816,)), torch.randn((2816,))
+    window = Window(8, 72, 24, 88)
+    out = window_vectors([own, box, own], window)
+    for got, vector in zip(out, [own, box, own]):
+        assert torch.equal(got, with_crop_coordinates(vector, window))
+    assert out[0] is out[2], "one copy per distinct vector"
+    pooled = torch.randn((1280,))
+    assert window_vectors([None, None], window) == [None, None]
+    assert window_vectors([pooled], window)[0] is pooled, "only SDXL's y changes"

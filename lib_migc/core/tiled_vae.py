@@ -118,8 +118,7 @@ def _group_norm(norm: nn.GroupNorm, box: Box, tile: Tile, scale: int) -> TilePro
     x = _park(x)
     mean, var = yield stats
     x = x.to(device)
-    b, c = x.shape[:2]
-    grouped = x.float().reshape(b, norm.num_groups, -1)
+    grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)
     rstd = (var + norm.eps).rsqrt().float()
     out = ((grouped - mean.float()[..., None]) * rstd[..., None]).reshape(x.shape)
     if norm.affine:
@@ -217,7 +216,7 @@ def decode_tiled(decoder: nn.Module, z: torch.Tensor, tile: int = TILE_LATENT, p
     h = _middle(decoder, decoder.conv_in(z))
     tiles = plan_tiles(*h.shape[-2:], tile, pad)
     outputs = run_in_lockstep([_up_path(decoder, [t.of(h, 1)], t) for t in tiles])
-    scale = outputs[0].shape[-1] // (tiles[0].span[3] - tiles[0].span[2])
+    scale = _scale(outputs[0], tiles[0])
     return _stitch(tiles, outputs, (*outputs[0].shape[:2], h.shape[-2] * scale, h.shape[-1] * scale), scale)
 
 

@@ -125,23 +125,28 @@ def size_embedding(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.cat([args.cos(), args.sin()], dim=-1).reshape(-1).to(device=like.device, dtype=like.dtype)
 
 
-def with_crop_coordinates(vector: torch.Tensor, window: Window) -> torch.Tensor:
+def with_crop_coordinates(vector: torch.Tensor, window: Window, embedding: torch.Tensor | None = None) -> torch.Tensor:
     """An SDXL ``y`` whose crop coordinates are the window's top-left corner in pixels, so each window is
-    conditioned as the crop of the canvas it is; any other vector is returned as it is."""
+    conditioned as the crop of the canvas it is; any other vector is returned as it is. ``embedding``:
+    the window's crop embedding when the caller already computed it."""
     if vector.shape[-1] != SDXL_VECTOR_DIM:
         return vector
     out = vector.clone()
-    out[..., SDXL_CROP] = size_embedding((8 * window.h0, 8 * window.w0), vector)
+    out[..., SDXL_CROP] = size_embedding((8 * window.h0, 8 * window.w0), vector) if embedding is None else embedding
     return out
 
 
 def window_vectors(vectors: Sequence[torch.Tensor | None], window: Window) -> list[torch.Tensor | None]:
-    """Each row's vector with the window's crop coordinates; rows that share one vector share its copy,
-    so the embedding is computed once per window and distinct vector, not once per region."""
+    """Each row's vector with the window's crop coordinates: the crop embedding is computed once per window,
+    and rows that share one vector share its copy."""
+    like = next((vector for vector in vectors if vector is not None), None)
+    if like is None or like.shape[-1] != SDXL_VECTOR_DIM:
+        return list(vectors)
+    embedding = size_embedding((8 * window.h0, 8 * window.w0), like)
     done: dict[int, torch.Tensor | None] = {}
     out = []
     for vector in vectors:
         if id(vector) not in done:
-            done[id(vector)] = None if vector is None else with_crop_coordinates(vector, window)
+            done[id(vector)] = None if vector is None else with_crop_coordinates(vector, window, embedding)
         out.append(done[id(vector)])
     return out
