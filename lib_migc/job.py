@@ -185,6 +185,17 @@ def _job_of(params: Any) -> Job | None:
     return job
 
 
+def post_sample(p: Any, ps: Any) -> None:
+    """The WebUI's ``post_sample`` (after sampling, before decoding): each running mode may change the
+    samples (``ps.samples``)."""
+    job = _active
+    if job is None or job.p is not p:
+        return
+    for mode in MODES:
+        if mode.asked(job.params):
+            ps.samples = mode.post_sample(job, ps.samples)
+
+
 def after_batch(p: Any) -> None:
     if _active is not None and _active.p is p:
         _remove_hooks(_active)

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 from .core.checks import switch
 from .core.errors import MigcError
 from .core.layout import Layout, parse_layout
+from .modes.consistent import params as consistent_params
 from .modes.magicfusion.params import FusionParams
 from .modes.migc import params as migc_params
 from .modes.migc.params import DEFAULT_WEIGHTS, MODE_MIGC, MODE_NAIVE
@@ -49,6 +50,7 @@ class MigcParams:
     md_bootstrap: MultiDiffusion's bootstrapping phase as a fraction of the steps (0 = off).
     md_window / md_stride / md_wrap: MultiDiffusion's windows on canvases larger than the model (window
     side in px, 0 = native, -1 = the whole canvas; stride in px; wrap around left-right for 360°).
+    consistent: Consistent-MIG (keep unchanged instances): False, True, or "reset" (forget the record first).
     """
 
     enabled: bool = False
@@ -67,6 +69,7 @@ class MigcParams:
     md_window: int = region_params.DEFAULTS["md_window"]
     md_stride: int = region_params.DEFAULTS["md_stride"]
     md_wrap: bool = region_params.DEFAULTS["md_wrap"]
+    consistent: bool | str = False
 
     @property
     def training_free(self) -> bool:
@@ -110,7 +113,8 @@ class MigcParams:
         return cls._checked(layout=parse_layout(layout_source), structure=structure, magicfusion=fusion, **values)
 
     def to_api(self) -> dict[str, Any]:
-        skipped = ("layout", "structure", "magicfusion") + (() if self.mode == MODE_MULTIDIFFUSION else region_params.WINDOW_FIELDS)
+        skipped = (("layout", "structure", "magicfusion") + (() if self.mode == MODE_MULTIDIFFUSION else region_params.WINDOW_FIELDS)
+                   + (() if self.consistent else ("consistent",)))
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         out.update(self.layout.to_dict())
         if self.structure.enabled:
@@ -120,10 +124,13 @@ class MigcParams:
         return out
 
     def to_infotext(self, weights_hash: str | None = None, model_b_hash: str | None = None,
-                    weights_kind: str | None = None) -> str:
+                    weights_kind: str | None = None, consistent: str | None = None) -> str:
         """Compact JSON of every field but ``enabled`` (its presence means enabled), plus the short hashes of
-        the MIGC weights and of MagicFusion's model B, and which kind the weights were (MIGC or MIGC++)."""
+        the MIGC weights and of MagicFusion's model B, which kind the weights were (MIGC or MIGC++), and
+        whether the image recorded or edited (``consistent``: "record" / "edit")."""
         data = self.to_api()
+        if consistent:
+            data["consistent"] = consistent
         if weights_kind:
             data["weights_kind"] = weights_kind
         if model_b_hash and "magicfusion" in data:
@@ -155,7 +162,7 @@ class MigcParams:
             self.enabled, self.weights, layout.to_json() if len(layout) else "", self.migc_steps, self.naive_steps,
             self.use_main_prompt, self.layout.global_prompt or "", self.append_descriptions, self.draw_boxes, self.hires,
             *self.structure.ui_values(), *self.magicfusion.ui_values(), self.mode, self.md_bootstrap,
-            self.md_window, self.md_stride, self.md_wrap,
+            self.md_window, self.md_stride, self.md_wrap, bool(self.consistent),
         ]
 
     # ------------------------------------------------------------------ validation
@@ -169,6 +176,8 @@ class MigcParams:
             raise MigcError(f"MIGC: field 'mode' = {mode!r} is not allowed; use one of {', '.join(MODES)}.")
         migc_params.check(values)
         region_params.check(values)
+        if "consistent" in values:
+            values["consistent"] = consistent_params.check(values["consistent"])
         values = {k: v for k, v in values.items() if v is not None}
         return cls(**values)
 
@@ -179,7 +188,7 @@ UI_FIELDS: tuple[str, ...] = (
     "append_descriptions", "draw_boxes", "hires",
     "structure_enabled", "structure_mode", "structure_phrases", "structure_custom",
     "fusion_enabled", "fusion_model_b", "fusion_prompt_b", "fusion_k_a", "fusion_k_b", "fusion_window_mode",
-    "fusion_switch_t", "fusion_hires", "mode", "md_bootstrap", "md_window", "md_stride", "md_wrap",
+    "fusion_switch_t", "fusion_hires", "mode", "md_bootstrap", "md_window", "md_stride", "md_wrap", "consistent",
 )
 STRUCTURE_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("structure_"))
 FUSION_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("fusion_"))
@@ -187,7 +196,7 @@ FUSION_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("fusion_"
 API_FIELDS: tuple[str, ...] = (
     "enabled", "weights", "instances", "global_prompt", "migc_steps", "naive_steps", "use_main_prompt",
     "append_descriptions", "draw_boxes", "hires", "structure", "magicfusion", "mode", "md_bootstrap",
-    "md_window", "md_stride", "md_wrap",
+    "md_window", "md_stride", "md_wrap", "consistent",
 )
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from .core import settings
 from .core.widgets import tool_button
+from .modes.consistent import panel as consistent_panel
 from .modes.magicfusion import panel as fusion_panel
 from .modes.migc import weight_files
 from .modes.multidiffusion import panel as windows_panel
@@ -86,6 +87,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
             draw_boxes = gr.Checkbox(False, label="Draw boxes on an extra output image", elem_id=f"{tab}_migc_draw_boxes")
             hires = gr.Checkbox(bool(settings.option("migc_default_hires")), label="Also in the hires-fix pass", elem_id=f"{tab}_migc_hires")
 
+        consistent = consistent_panel.build_row(gr, tab, is_img2img)
         structure = structure_panel.build_section(gr, tab)
         fusion = fusion_panel.build_section(gr, tab)
 
@@ -96,7 +98,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
         refresh.click(fn=refresh_choices, inputs=[], outputs=[weights])
         paste_status = gr.Markdown("", elem_id=f"{tab}_migc_paste_status")
     components = PanelComponents([enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append,
-                                  draw_boxes, hires, *structure, *fusion, mode, bootstrap, *windows])
+                                  draw_boxes, hires, *structure, *fusion, mode, bootstrap, *windows, consistent])
     components.paste_status = paste_status
     assert len(components) == len(UI_FIELDS)
     return components

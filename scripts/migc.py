@@ -38,6 +38,9 @@ class MigcScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         job.before_sampling(p, noise=kwargs.get("noise"))
 
+    def post_sample(self, p, ps, *args):
+        job.post_sample(p, ps)
+
     def postprocess_batch(self, p, *args, **kwargs):
         job.after_batch(p)
 

@@ -204,6 +204,9 @@ class UnetPatcher:
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         self.model_options["model_function_wrapper"] = unet_wrapper_function
 
+    def set_model_attn1_patch(self, patch):
+        self.set_model_patch(patch, "attn1_patch")
+
     def set_model_attn2_patch(self, patch):
         self.set_model_patch(patch, "attn2_patch")
 
@@ -239,7 +242,18 @@ def forge_protocol(unet, options_holder):
                          dim_head=blk.attn2.to_q.out_features // blk.attn2.heads)
             patches = options.get("patches", {})
             replace = options.get("patches_replace", {}).get("attn2", {})
-            x = blk.attn1(blk.norm1(x)) + x
+            if patches.get("attn1_patch") or patches.get("attn1_output_patch"):  # Forge's attn1 with its patches
+                n = blk.norm1(x)
+                ctx1 = value1 = n
+                for p in patches.get("attn1_patch", []):
+                    n, ctx1, value1 = p(n, ctx1, value1, extra)
+                a = blk.attn1
+                n = a.to_out(attention_function(a.to_q(n), a.to_k(ctx1), a.to_v(value1), a.heads))
+                for p in patches.get("attn1_output_patch", []):
+                    n = p(n, extra)
+                x = n + x
+            else:
+                x = blk.attn1(blk.norm1(x)) + x
             n, ctx, value = blk.norm2(x), context, None
             if "attn2_patch" in patches:
                 value = ctx

@@ -1,6 +1,9 @@
-"""What a mode sees at the two step-level hook points each host implements once (``hosts/<host>.py``).
+"""What a mode sees at the step-level hook points each host implements once (``hosts/<host>.py``).
 
-The third hook point, the attn2 processor slot, is described in :mod:`lib_migc.core.attention_chain`.
+The attn2 processor slot is described in :mod:`lib_migc.core.attention_chain`. Two more, for
+Consistent-MIG: the sampler's latent at each model evaluation (:data:`SamplerInputFn`, the same on both
+hosts: ``hosts/base.SamplerInputHooks``) and the self-attention (attn1) of chosen layers
+(:data:`SelfAttentionFn`, ``hosts/<host>.SelfAttentionHooks``).
 
 * **The denoiser's model call** (:class:`ModelRows`): every call the CFG denoiser makes to the model
   with its rows (cond and uncond, one image each), before the host combines them. A mode that wraps it
@@ -82,3 +85,34 @@ class CfgRows:
 DenoiseFn = Callable[[ModelRows], torch.Tensor]
 #: A mode's function at the CFG blend step: changes ``rows.out`` in place; True when it changed anything.
 BlendFn = Callable[[CfgRows], bool]
+
+#: Called with the sampler's own latent tensor before each evaluation of the CFG denoiser; may change it
+#: in place (the sampler then continues from the changed latent, whatever the sampler).
+SamplerInputFn = Callable[[torch.Tensor], None]
+#: ``source(layer, x)``: for one self-attention call of ``layer`` with input rows ``x`` (all rows of the
+#: UNet call, in the host's order), the tensor its keys and values are computed from, or None for the
+#: plain self-attention. Queries always come from ``x``.
+SelfAttentionFn = Callable[[str, torch.Tensor], Optional[torch.Tensor]]
+
+
+class HookGroup:
+    """Several hooks of one mode and pass, installed, removed and told the step together."""
+
+    def __init__(self, *parts: object) -> None:
+        self.parts = parts
+
+    @property
+    def installed(self) -> bool:
+        return any(part.installed for part in self.parts)
+
+    def install(self, p: object) -> None:
+        for part in self.parts:
+            part.install(p)
+
+    def remove(self) -> None:
+        for part in self.parts:
+            part.remove()
+
+    def on_cfg_step(self, step: int, total_steps: int, params: object) -> None:
+        for part in self.parts:
+            part.on_cfg_step(step, total_steps, params)

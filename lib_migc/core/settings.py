@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "migc_md_max_rows": 0,
     "migc_tiled_vae": "Auto",
     "migc_keep_weights": False,
+    "migc_consistent_max_mb": 2048,
 }
 
 
@@ -63,6 +64,8 @@ def register() -> None:
                                gr.Radio, {"choices": ["Auto", "Always", "Never"]}, section=section),
         "migc_keep_weights": info(DEFAULTS["migc_keep_weights"], "Keep the MIGC weights loaded between jobs (off: a job that does not use them, or a switch to a model MIGC cannot use, frees them; the next MIGC job reloads them in about a second)",
                                   section=section),
+        "migc_consistent_max_mb": info(DEFAULTS["migc_consistent_max_mb"], "Keep unchanged instances: most host memory (MiB) the record of the last image may hold (past it the earliest steps are dropped and run without sharing in the next edit; about 27 MiB per step at 512x512)",
+                                       gr.Slider, {"minimum": 64, "maximum": 16384, "step": 64}, section=section),
     }
     for name, item in items.items():
         shared.opts.add_option(name, item)

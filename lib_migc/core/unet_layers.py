@@ -14,8 +14,8 @@ import torch.nn as nn
 #: The attn2 layers that carry trained MIGC blocks in MIGC_SD14 (C = 1280; 8x8 and 16x16 at 512x512).
 MIGC_LAYERS = ("middle_block.1", "output_blocks.3.1", "output_blocks.4.1", "output_blocks.5.1")
 
-_ATTN2 = re.compile(
-    r"^(?:.*\.)?((?:input_blocks|output_blocks)\.\d+\.\d+|middle_block\.\d+)\.transformer_blocks\.(\d+)\.attn2$"
+_ATTENTION = re.compile(
+    r"^(?:.*\.)?((?:input_blocks|output_blocks)\.\d+\.\d+|middle_block\.\d+)\.transformer_blocks\.(\d+)\.(attn[12])$"
 )
 
 
@@ -33,10 +33,19 @@ def split_layer_name(name: str) -> tuple[str, int]:
 
 def attn2_layers(unet: nn.Module) -> dict[str, nn.Module]:
     """Layer name -> attn2 module of every transformer block of every spatial transformer in ``unet``."""
+    return attention_layers(unet, "attn2")
+
+
+def attn1_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """Layer name -> attn1 (self-attention) module, named like the attn2 of the same transformer block."""
+    return attention_layers(unet, "attn1")
+
+
+def attention_layers(unet: nn.Module, which: str) -> dict[str, nn.Module]:
     found = {}
     for name, module in unet.named_modules():
-        match = _ATTN2.match(name)
-        if match:
+        match = _ATTENTION.match(name)
+        if match and match.group(3) == which:
             found[layer_name(match.group(1), int(match.group(2)))] = module
     return found
 

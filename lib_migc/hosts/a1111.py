@@ -1,5 +1,6 @@
-"""AUTOMATIC1111 adapter: the three hook points (attn2 slot, denoiser model call, CFG blend step) and
-their row bookkeeping, once for every mode.
+"""AUTOMATIC1111 adapter: the hook points (attn2 slot, denoiser model call, CFG blend step, attn1 of
+chosen layers; the sampler's latent is ``base.SamplerInputHooks``) and their row bookkeeping, once for
+every mode.
 
 No mode's math here: the attn2 hooks find which rows of each UNet call are cond rows and hand those to
 the pass's attention processor (:meth:`MigcSession.shade` or a chain); the step hooks hand each model
@@ -36,10 +37,10 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from ..core.hook_points import CfgRows, ModelRows
+from ..core.hook_points import CfgRows, ModelRows, SelfAttentionFn
 from ..core.patching import ForwardPatches
-from ..core.unet_layers import attn2_layers
-from .base import HooksBase, StepHooksBase
+from ..core.unet_layers import attn1_layers, attn2_layers
+from .base import HooksBase, SamplerInputHooks, StepHooksBase  # noqa: F401 - SamplerInputHooks: the host's, for modes
 
 # ---------------------------------------------------------------------------------------- rows
 @dataclass
@@ -350,3 +351,53 @@ class StepHooks(StepHooksBase):
         except BaseException:
             self.remove()
             raise
+
+
+# ---------------------------------------------------------------------------------------- self-attention
+class SelfAttentionHooks:
+    """attn1 overrides on the layers ``wants`` picks: the keys and values of each call come from what
+    ``source(layer, x)`` returns (None: plain). The override passes it as the ``context`` argument, which
+    every A1111 attention optimisation (and ldm's own forward) projects to keys and values, so the
+    active optimisation still computes the attention; another extension's override is chained."""
+
+    def __init__(self, source: SelfAttentionFn, wants: Callable[[str], bool], is_current: Callable[[], bool] = lambda: True) -> None:
+        self.source, self.wants, self.is_current = source, wants, is_current
+        self.patches = ForwardPatches()
+
+    @property
+    def installed(self) -> bool:
+        return self.patches.active
+
+    def install(self, p: Any) -> list[str]:
+        self.remove()
+        layers = attn1_layers(unet_of(p))
+        names = [name for name in layers if self.wants(name)]
+        for name in names:
+            self.patches.install(layers[name], self._forward_for(name, layers[name]))
+        return names
+
+    def remove(self) -> None:
+        self.patches.remove()
+
+    def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
+        """Nothing: the source counts each layer's calls itself."""
+
+    def _forward_for(self, name: str, attn: nn.Module) -> Callable:
+        previous = attn.__dict__.get("forward")
+
+        def forward(x: torch.Tensor, context: torch.Tensor | None = None, mask: Any = None, **kwargs: Any) -> torch.Tensor:
+            def plain(cc: torch.Tensor | None) -> torch.Tensor:
+                if previous is not None:
+                    return previous(x, context=cc, mask=mask, **kwargs)
+                return type(attn).forward(attn, x, context=cc, mask=mask, **kwargs)
+
+            if not self.installed or not self.is_current() or context is not None:
+                return plain(context)
+            try:
+                return plain(self.source(name, x))
+            except BaseException:
+                self.remove()
+                raise
+
+        return forward
+

@@ -8,7 +8,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
-from ..core.hook_points import BlendFn, DenoiseFn
+from ..core.hook_points import BlendFn, DenoiseFn, SamplerInputFn
+from ..core.patching import ForwardPatches
 from ..core.unet_layers import layer_sort_key
 
 
@@ -165,3 +166,46 @@ class StepHooksBase:
 
     def on_cfg_denoised(self, params: Any) -> None:
         """A1111's CFG-denoised callback (the blend step there); Forge blends in its post-CFG function."""
+
+
+class SamplerInputHooks:
+    """The sampler's latent before each evaluation of the CFG denoiser, on both hosts.
+
+    Why the CFG denoiser's ``forward`` (``p.sampler.model_wrap_cfg``, an instance attribute like the
+    other overrides): the samplers call it with their own latent tensor, and everything they do after
+    the call (the derivative, the update) reads that same tensor. Changing it in place therefore changes
+    the step's starting point for every sampler, first- or second-order, k-diffusion or timestep, which
+    a change of the denoiser's output could only do sampler by sampler. Another extension's override of
+    that ``forward`` is chained, and :meth:`remove` puts it back.
+    """
+
+    def __init__(self, on_input: SamplerInputFn, is_current: Callable[[], bool] = lambda: True) -> None:
+        self.on_input, self.is_current = on_input, is_current
+        self._patches = ForwardPatches()
+
+    @property
+    def installed(self) -> bool:
+        return self._patches.active
+
+    def install(self, p: Any) -> None:
+        self.remove()
+        denoiser = p.sampler.model_wrap_cfg
+        original = denoiser.forward
+        hooks = self
+
+        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            if hooks.installed and hooks.is_current() and getattr(x, "dim", lambda: 0)() == 4:
+                try:
+                    hooks.on_input(x)
+                except BaseException:
+                    hooks.remove()
+                    raise
+            return original(x, *args, **kwargs)
+
+        self._patches.install(denoiser, forward)
+
+    def remove(self) -> None:
+        self._patches.remove()
+
+    def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
+        """Nothing: the hook counts evaluations itself."""

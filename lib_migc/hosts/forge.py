@@ -1,5 +1,6 @@
-"""WebUI Forge adapter: the three hook points (attn2 slot, denoiser model call, CFG blend step) through
-the UnetPatcher's own patches, the Forge way, once for every mode.
+"""WebUI Forge adapter: the hook points (attn2 slot, denoiser model call, CFG blend step, attn1 of chosen
+layers; the sampler's latent is ``base.SamplerInputHooks``) through the UnetPatcher's own patches, the
+Forge way, once for every mode.
 
 Each ``install`` clones ``p.sd_model.forge_objects.unet``, registers its patches and sets the clone back:
 nothing global is patched, and Forge restores its objects for the next job, so there is nothing to undo.
@@ -42,9 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.errors import MigcError
-from ..core.hook_points import CfgRows, ModelRows
+from ..core.hook_points import CfgRows, ModelRows, SelfAttentionFn
 from ..core.unet_layers import attn2_layers, layer_name, split_layer_name
-from .base import ClonePatches, HooksBase, StepHooksBase, weak_patch
+from .base import ClonePatches, HooksBase, SamplerInputHooks, StepHooksBase, weak_patch  # noqa: F401 - SamplerInputHooks: the host's, for modes
 
 COND = 0  # Forge's cond_or_uncond mark of a cond chunk
 
@@ -366,3 +367,37 @@ class StepHooks(StepHooksBase, ClonePatches):
         if not self.blend(CfgRows(rows, torch.cat([x, x]), torch.cat([sigma, sigma]), images, scale, self.step)):
             return denoised
         return denoised + (guided(rows[:images], rows[images:], scale) - guided(cond_pred, uncond_pred, scale))
+
+
+# ---------------------------------------------------------------------------------------- self-attention
+def _keep_attn1(n: torch.Tensor, context: Any, value: Any, extra_options: dict) -> tuple:
+    return n, context, value
+
+
+class SelfAttentionHooks(ClonePatches):
+    """An ``attn1_patch`` on a clone of the job's UnetPatcher: for the layers ``wants`` picks, the keys and
+    values come from what ``source(layer, n)`` returns (None: plain), handed on as Forge's
+    ``context_attn1``/``value_attn1``, so Forge's attention (or another extension's attn1 replacement)
+    still computes it. A call whose context an earlier patch already changed (e.g. ControlNet's
+    reference mode), or that another patch will see after us, keeps theirs: ours only acts while the
+    context is still the block's own normed input."""
+
+    def __init__(self, source: SelfAttentionFn, wants: Callable[[str], bool], is_current: Callable[[], bool] = lambda: True) -> None:
+        ClonePatches.__init__(self, is_current)
+        self.source, self.wants = source, wants
+
+    def install(self, p: Any) -> None:
+        clone = p.sd_model.forge_objects.unet.clone()
+        clone.set_model_attn1_patch(weak_patch(self, SelfAttentionHooks._patch, _keep_attn1))
+        p.sd_model.forge_objects.unet = clone
+        self._active = True
+
+    def on_cfg_step(self, step: int, total_steps: int, params: Any) -> None:
+        """Nothing: the source counts each layer's calls itself."""
+
+    def _patch(self, n: torch.Tensor, context: Any, value: Any, extra_options: dict) -> tuple:
+        layer = layer_of(extra_options)
+        if layer is None or not self.wants(layer) or context is not n or value is not n:
+            return n, context, value
+        shared = self.source(layer, n)
+        return (n, context, value) if shared is None else (n, shared, shared)

@@ -57,6 +57,11 @@ class Mode:
         (:mod:`lib_migc.core.attention_chain` says what it provides); None: the mode needs none."""
         return None
 
+    def post_sample(self, job: Any, samples: Any) -> Any:
+        """The sampler's result before the VAE decodes it (the WebUI's ``post_sample``); returns the samples
+        to decode (the same object when the mode leaves them)."""
+        return samples
+
     def release_unused(self, params: MigcParams | None) -> None:
         """Free what this mode keeps between jobs when the job (``params``; None: no extension job) does not use it."""
 

@@ -12,6 +12,7 @@ from ..core.attention_chain import chain
 from ..core.errors import MigcError, unexpected_error
 from ..params import MigcParams
 from .base import Mode
+from .consistent.mode import ConsistentMode
 from .magicfusion.mode import MagicFusionMode
 from .migc.mode import MigcMode, prepare_session
 from .multidiffusion.mode import MultiDiffusionMode
@@ -19,7 +20,7 @@ from .structure.mode import StructureMode
 
 log = logging.getLogger("migc")
 
-MODES: list[Mode] = [MigcMode(), MultiDiffusionMode(), StructureMode(), MagicFusionMode()]
+MODES: list[Mode] = [MigcMode(), MultiDiffusionMode(), StructureMode(), MagicFusionMode(), ConsistentMode()]
 
 
 def register(mode: Mode) -> None:

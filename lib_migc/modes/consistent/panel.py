@@ -1,0 +1,33 @@
+"""The *Keep unchanged instances* row of the panel: the switch, a *Forget* button and what it did."""
+from __future__ import annotations
+
+from typing import Any
+
+from . import record as records
+from .mode import TAB
+
+LABEL = "Keep unchanged instances (generate, change one box, generate again with the same seed)"
+FORGET_DONE = "The recorded image was forgotten; the next image records afresh."
+FORGET_NONE = "Nothing was recorded."
+
+
+def forget_record() -> str:
+    """The *Forget* button (API: ``"consistent": "reset"``)."""
+    return FORGET_DONE if records.forget(TAB) else FORGET_NONE
+
+
+def build_row(gr: Any, tab: str, is_img2img: bool) -> Any:
+    """The switch (in txt2img only: the record is the txt2img tab's); returns it."""
+    with gr.Row(visible=not is_img2img):
+        switch = gr.Checkbox(False, label=LABEL, elem_id=f"{tab}_migc_consistent")
+        forget = gr.Button("Forget", elem_id=f"{tab}_migc_consistent_forget", size="sm") if _has_size(gr) else \
+            gr.Button("Forget", elem_id=f"{tab}_migc_consistent_forget")
+        status = gr.Markdown("", elem_id=f"{tab}_migc_consistent_status")
+    forget.click(fn=forget_record, inputs=[], outputs=[status])
+    return switch
+
+
+def _has_size(gr: Any) -> bool:
+    import inspect
+
+    return "size" in inspect.signature(gr.Button.__init__).parameters
