@@ -9,7 +9,7 @@ import torch
 import fake_forge
 import fake_webui
 from conftest import INSTANCES
-from helpers import finish_job, start_job
+from helpers import finish_job
 from lib_migc import job
 from lib_migc.hosts import a1111, forge
 from lib_migc.modes.consistent import record as records
@@ -168,13 +168,17 @@ def generate(unet, text_model, args, host="a1111", seed=100, extension=True):
     """One txt2img job: the WebUI's script calls around an Euler loop; returns (final latent, p)."""
     model = _model(host, unet, text_model)
     p = fake_webui.FakeProcessing(model, seeds=[seed], prompts=[PROMPT])
-    p.prompts, p.steps, p.sampler_name, p.subseeds, p.n_iter, p.batch_size = [PROMPT], len(SIGMAS) - 1, "Euler", [0], 1, 1
+    p.prompts, p.steps, p.sampler_name, p.n_iter, p.batch_size = [PROMPT], len(SIGMAS) - 1, "Euler", 1, 1
+    p.all_seeds, p.all_subseeds, p.seeds = [seed], [0], None
     with torch.no_grad():
         cond, uncond = model.get_learned_conditioning([PROMPT]), model.get_learned_conditioning([""])
     p.sampler = SimpleNamespace(model_wrap_cfg=CFGDenoiser(p, cond, uncond, host))
     host_module = forge if host == "forge" else a1111
-    if extension:
-        start_job(p, args, host_module)
+    if extension:  # the WebUI's order: process, then the batch's seeds, then sampling
+        job.before_process(p)
+        job.process(p, args, host_module)
+        p.seeds, p.subseeds = [seed], [0]
+        job.before_sampling(p)
     x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(seed)) * SIGMAS[0]
     with torch.no_grad():
         for i in range(len(SIGMAS) - 1):

@@ -38,7 +38,9 @@ class Fingerprint:
         info = getattr(model, "sd_checkpoint_info", None)
         checkpoint = (getattr(info, "shorthash", None) or getattr(p, "sd_model_hash", None)
                       or getattr(model, "sd_model_hash", None) or getattr(info, "title", None) or "")
-        seeds, subseeds = list(getattr(p, "seeds", None) or [0]), list(getattr(p, "subseeds", None) or [0])
+        # ``process`` runs before the WebUI sets the batch's ``seeds``: the job's ``all_seeds`` are set by then.
+        seeds = list(getattr(p, "all_seeds", None) or getattr(p, "seeds", None) or [0])
+        subseeds = list(getattr(p, "all_subseeds", None) or getattr(p, "subseeds", None) or [0])
         return cls(int(seeds[0]), int(subseeds[0]), float(getattr(p, "subseed_strength", 0.0) or 0.0), int(p.width), int(p.height),
                    str(getattr(p, "sampler_name", "") or ""), str(getattr(p, "scheduler", "") or ""), int(getattr(p, "steps", 0) or 0),
                    str(checkpoint))
