@@ -142,6 +142,15 @@ def forget_module(module: nn.Module) -> None:
     """A1111's memory management keeps no reference to modules we add: nothing to drop."""
 
 
+def override_layers(patches: ForwardPatches, layers: dict[str, nn.Module], names: list[str],
+                    forward_for: Callable[[str, int], Callable]) -> list[str]:
+    """Replace whatever ``patches`` held by a ``forward_for(name, index)`` override on each named layer."""
+    patches.remove()
+    for index, name in enumerate(names):
+        patches.install(layers[name], forward_for(name, index))
+    return names
+
+
 class Hooks(HooksBase):
     """The attn2 overrides of one sampling pass; :meth:`remove` restores the UNet exactly."""
 
@@ -156,12 +165,9 @@ class Hooks(HooksBase):
 
     def install(self, p: Any) -> list[str]:
         """Hook the layers of ``p``'s UNet that this session can change; returns their names."""
-        self.remove()
         layers = attn2_layers(unet_of(p))
-        names = self.layers_to_hook(layers)
-        for index, name in enumerate(names):
-            self.patches.install(layers[name], self._forward_for(name, layers[name], first=index == 0))
-        return names
+        return override_layers(self.patches, layers, self.layers_to_hook(layers),
+                               lambda name, index: self._forward_for(name, layers[name], first=index == 0))
 
     def remove(self) -> None:
         self.patches.remove()
@@ -369,12 +375,9 @@ class SelfAttentionHooks:
         return self.patches.active
 
     def install(self, p: Any) -> list[str]:
-        self.remove()
         layers = attn1_layers(unet_of(p))
-        names = [name for name in layers if self.wants(name)]
-        for name in names:
-            self.patches.install(layers[name], self._forward_for(name, layers[name]))
-        return names
+        return override_layers(self.patches, layers, [name for name in layers if self.wants(name)],
+                               lambda name, index: self._forward_for(name, layers[name]))
 
     def remove(self) -> None:
         self.patches.remove()
