@@ -259,6 +259,17 @@ def test_self_attention_shares_the_recorded_tokens_in_an_edit(webui_modules, une
     assert len(seen) == 9 * (len(SIGMAS) - 1) and all(s == 2.0 for s in seen), "an edit: keys from 2x the tokens"
 
 
+def test_a_new_subseed_counts_only_with_a_variation_strength():
+    from lib_migc.modes.consistent.record import Fingerprint
+
+    def p(subseed, strength):
+        return SimpleNamespace(all_seeds=[5], all_subseeds=[subseed], subseed_strength=strength, width=64, height=64,
+                               sampler_name="Euler", steps=4, sd_model=None)
+
+    assert Fingerprint.of(p(11, 0.0)) == Fingerprint.of(p(12, 0.0)), "the WebUI draws a subseed per job even when unused"
+    assert Fingerprint.of(p(11, 0.3)) != Fingerprint.of(p(12, 0.3))
+
+
 def test_a_different_seed_records_afresh_and_says_why(webui_modules, unet, text_model):
     generate(unet, text_model, [payload()], seed=100)
     _, p = generate(unet, text_model, [payload(_edited())], seed=101)

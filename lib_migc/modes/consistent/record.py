@@ -41,7 +41,9 @@ class Fingerprint:
         # ``process`` runs before the WebUI sets the batch's ``seeds``: the job's ``all_seeds`` are set by then.
         seeds = list(getattr(p, "all_seeds", None) or getattr(p, "seeds", None) or [0])
         subseeds = list(getattr(p, "all_subseeds", None) or getattr(p, "subseeds", None) or [0])
-        return cls(int(seeds[0]), int(subseeds[0]), float(getattr(p, "subseed_strength", 0.0) or 0.0), int(p.width), int(p.height),
+        strength = float(getattr(p, "subseed_strength", 0.0) or 0.0)
+        subseed = int(subseeds[0]) if strength > 0 else 0  # the WebUI draws a new one per job; unused at strength 0
+        return cls(int(seeds[0]), subseed, strength, int(p.width), int(p.height),
                    str(getattr(p, "sampler_name", "") or ""), str(getattr(p, "scheduler", "") or ""), int(getattr(p, "steps", 0) or 0),
                    str(checkpoint))
 
