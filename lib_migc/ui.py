@@ -12,6 +12,7 @@ import functools
 import logging
 from typing import Any, Callable
 
+from . import ui_saved_layouts as saved_layouts
 from .core import settings
 from .core.widgets import tool_button
 from .modes.consistent import panel as consistent_panel
@@ -73,6 +74,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
             refresh = tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
         gr.HTML(value=EDITOR_MOUNT, elem_id=f"{tab}_migc_editor")
         layout = gr.Textbox(value="", label="Instances (layout JSON)", lines=5, placeholder=LAYOUT_EXAMPLE, elem_id=f"{tab}_migc_layout")
+        saved_layouts.build_row(gr, tab, layout)
         gr.Markdown(HELP.format(folder=folder))
         with gr.Row():
             migc_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_steps")), step=0.01,

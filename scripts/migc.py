@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modules.scripts as scripts  # noqa: E402
 from modules import script_callbacks  # noqa: E402
 
-from lib_migc import hosts, job, ui, xyz_axes  # noqa: E402
+from lib_migc import hosts, job, layout_library, ui, xyz_axes  # noqa: E402
 from lib_migc.core import settings  # noqa: E402
 
 HOST = hosts.current()
@@ -53,3 +53,4 @@ script_callbacks.on_cfg_denoised(job.on_cfg_denoised)
 script_callbacks.on_ui_settings(settings.register)
 script_callbacks.on_model_loaded(job.on_model_loaded)
 script_callbacks.on_before_ui(xyz_axes.register)
+script_callbacks.on_app_started(lambda demo, app: layout_library.add_api_routes(app))
