@@ -55,3 +55,25 @@ def test_a_bad_axis_value_is_refused(webui):
     status, body = webui.txt2img({**BASE, "script_name": "x/y/z plot", "script_args": args,
                                   "alwayson_scripts": {"MIGC": {"args": [MIGC]}}})
     assert status >= 400 and "MIGC steps" in json.dumps(body), (status, body)
+
+
+def test_saved_layouts_are_listed_over_the_api(webui):
+    """The route is registered in the running WebUI; a layout file put in its folder is listed and returned."""
+    import os
+    import uuid
+
+    status, listed = webui.request("/migc/layouts")
+    assert status == 200 and listed["folder"].endswith("migc_layouts"), listed
+    name = f"test {uuid.uuid4().hex[:8]}"
+    os.makedirs(listed["folder"], exist_ok=True)
+    path = os.path.join(listed["folder"], name + ".json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"instances": INSTANCES}, handle)
+    try:
+        status, listed = webui.request("/migc/layouts")
+        assert name in listed["layouts"]
+        status, got = webui.request("/migc/layouts/" + name.replace(" ", "%20"))
+        assert status == 200 and got["layout"]["instances"][1]["description"] == "a gray cat"
+        assert webui.request("/migc/layouts/no%20such%20layout")[0] == 404
+    finally:
+        os.remove(path)
