@@ -22,7 +22,7 @@ from .core.errors import MigcError, argument_error, unexpected_error
 from .hosts.base import pass_size, sampler_step
 from .modes.registry import MODES, attention_session, begin_passes, effective_params
 from .params import INFOTEXT_KEY, MigcParams, asks_for_anything
-from .xyz_axes import OVERRIDES as XYZ_OVERRIDES, with_overrides
+from .xyz_axes import OVERRIDES, with_overrides
 
 log = logging.getLogger("migc")
 
@@ -108,9 +108,10 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
     global _active
     _finish()
     params, error = None, None
-    if asks_for_anything(args):
+    overrides = getattr(p, OVERRIDES, None)
+    if asks_for_anything(args) or (overrides or {}).get("enabled"):
         try:
-            params = with_overrides(MigcParams.from_ui(*args), getattr(p, XYZ_OVERRIDES, None))
+            params = with_overrides(MigcParams.from_ui(*args), overrides)
         except Exception as exc:  # noqa: BLE001 - the WebUI would swallow it and answer 200 without the extension
             error = argument_error(exc)
         else:

@@ -21,8 +21,9 @@ from .params import MODES, MigcParams
 
 log = logging.getLogger("migc")
 
-#: The attribute of a cell's ``p`` that holds its axis values: {field: value}.
-OVERRIDES = "migc_xyz"
+#: The attribute of a job's ``p`` that holds values replacing the panel's: {field: value} (an X/Y/Z cell's
+#: axis values; a layouts-file entry's instances and switch).
+OVERRIDES = "migc_overrides"
 #: Fields applied to every instance, and fields of a section (which the axis also turns on).
 INSTANCE_FIELDS = ("ea", "sac")
 SECTIONS = ("structure", "magicfusion")
