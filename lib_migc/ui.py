@@ -9,9 +9,11 @@ Python only ever reads one format, and the textbox is still there if the script 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from typing import Any, Callable
 
+from . import importers
 from . import ui_saved_layouts as saved_layouts
 from .core import settings
 from .core.widgets import tool_button
@@ -130,8 +132,29 @@ def pasted_values(params: dict) -> tuple[list[Any], str]:
     and MagicFusion are all turned off and the mode goes back to its default; a MIGC entry that cannot be
     read changes nothing and says why.
     """
+    if params.get(INFOTEXT_KEY) is None:
+        keys = sorted(k for k in params if k.startswith(("RP ", "forge_couple")) or k in ("Prompt", "Size-1", "Size-2"))
+        if any(k.startswith(("RP ", "forge_couple")) for k in keys):
+            values, message = _imported(json.dumps({k: str(params[k]) for k in keys}))
+            return list(values), message
     values, message = _pasted(params.get(INFOTEXT_KEY))
     return list(values), message
+
+
+@functools.lru_cache(maxsize=1)
+def _imported(entries: str) -> tuple[tuple[Any, ...], str]:
+    """A pasted infotext without a MIGC entry but with Regional Prompter or Forge Couple entries: their
+    regions as MIGC boxes (MIGC turned on), and what was converted and what was not."""
+    try:
+        converted = importers.from_infotext(json.loads(entries))
+        if converted is None:
+            return _pasted(None)
+        layout = converted.layout()
+        params = MigcParams.from_api({"enabled": True, "use_main_prompt": "global_prompt" not in layout, **layout})
+        return tuple(params.ui_values()), converted.message()
+    except Exception as exc:  # noqa: BLE001 - reported like any paste problem
+        log.warning("MIGC: the pasted infotext's regions could not be imported: %s", exc)
+        return _pasted(None)[0], f"⚠ The pasted infotext's regions could not be imported: {exc}"
 
 
 @functools.lru_cache(maxsize=1)

@@ -82,11 +82,14 @@ def install_fake_modules(models_dir: str) -> types.ModuleType:
     callbacks = types.ModuleType("modules.script_callbacks")
     callbacks.CFGDenoiserParams = CFGDenoiserParams
     callbacks.CFGDenoisedParams = CFGDenoisedParams
-    callbacks.registered = {"cfg_denoiser": [], "cfg_denoised": [], "ui_settings": [], "model_loaded": []}
+    callbacks.registered = {"cfg_denoiser": [], "cfg_denoised": [], "ui_settings": [], "model_loaded": [], "before_ui": [],
+                            "app_started": []}
     callbacks.on_model_loaded = lambda fn, *, name=None: callbacks.registered["model_loaded"].append(fn)
     callbacks.on_cfg_denoiser = lambda fn, *, name=None: callbacks.registered["cfg_denoiser"].append(fn)
     callbacks.on_cfg_denoised = lambda fn, *, name=None: callbacks.registered["cfg_denoised"].append(fn)
     callbacks.on_ui_settings = lambda fn, *, name=None: callbacks.registered["ui_settings"].append(fn)
+    callbacks.on_before_ui = lambda fn, *, name=None: callbacks.registered["before_ui"].append(fn)
+    callbacks.on_app_started = lambda fn, *, name=None: callbacks.registered["app_started"].append(fn)
     scripts = types.ModuleType("modules.scripts")
     scripts.AlwaysVisible = object()
     scripts.Script = type("Script", (), {})

@@ -332,3 +332,16 @@ def test_the_api_field_is_checked():
     assert MigcParams.from_infotext('{"consistent":"edit","instances":[]}').consistent is True
     with pytest.raises(Exception, match="'consistent'"):
         MigcParams.from_api({"instances": INSTANCES, "consistent": "sometimes"})
+
+
+def test_an_interrupted_edit_leaves_the_previous_record(webui_modules, unet, text_model):
+    from modules import shared
+
+    generate(unet, text_model, [payload()])
+    kept = records.recorded("txt2img")
+    shared.state = SimpleNamespace(interrupted=True, skipped=False)  # modules.shared.state as the WebUI has it
+    try:
+        generate(unet, text_model, [payload(_edited())])
+    finally:
+        del shared.state
+    assert records.recorded("txt2img") is kept

@@ -103,7 +103,11 @@ def test_the_script_registers_the_model_change_callback(webui_modules):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules.pop(spec.name, None)
-    assert job.on_model_loaded in sys.modules["modules.script_callbacks"].registered["model_loaded"]
+    registered = sys.modules["modules.script_callbacks"].registered
+    assert job.on_model_loaded in registered["model_loaded"]
+    from lib_migc import xyz_axes
+
+    assert xyz_axes.register in registered["before_ui"] and len(registered["app_started"]) == 1
 
 
 # ------------------------------------------------------------------------------------------ failures

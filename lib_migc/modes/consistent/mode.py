@@ -23,6 +23,16 @@ TITLE = "Keep unchanged instances"
 TAB = "txt2img"
 
 
+def interrupted() -> bool:
+    """Whether the user stopped or skipped the job (the sampler then returns early)."""
+    try:
+        from modules import shared
+    except ImportError:
+        return False
+    state = getattr(shared, "state", None)
+    return bool(getattr(state, "interrupted", False) or getattr(state, "skipped", False))
+
+
 def is_up_block(layer: str) -> bool:
     """The self-attention layers that share their keys and values: those of the UNet's up blocks."""
     return layer.startswith("output_blocks.")
@@ -93,8 +103,8 @@ class ConsistentMode(Mode):
 
     def post_sample(self, job: Any, samples: Any) -> Any:
         run: ConsistentRun | None = job.state.get(self.name)
-        if run is None or not run.evaluations:
-            return samples
+        if run is None or not run.evaluations or interrupted():
+            return samples  # an interrupted job's record would be partial: the previous one stays
         hires = bool(getattr(job.p, "enable_hr", False))
         out = run.commit() if hires else run.final_latent(samples)
         if run.editing and run.unshared:
