@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fake_forge
+from test_migcplus_hosts import plus_models  # noqa: F401 - the MIGC++ weights fixture
 import fake_webui
 from conftest import INSTANCES
 from helpers import finish_job
@@ -345,3 +346,19 @@ def test_an_interrupted_edit_leaves_the_previous_record(webui_modules, unet, tex
     finally:
         del shared.state
     assert records.recorded("txt2img") is kept
+
+
+def test_migcplus_weights_with_a_mask_instance_edit_only_its_derived_box(unet, text_model, request):
+    """MIGC++: a mask instance's changed region is its derived box (migcplus.md §3.2), as in the official code."""
+    from test_migcplus_hosts import _data
+
+    request.getfixturevalue("plus_models")
+    data = _data()
+    first, _ = generate(unet, text_model, [{**data, "consistent": True}])
+    edited_instances = [{**data["instances"][0], "description": "a zebra"}, data["instances"][1]]
+    edited, p = generate(unet, text_model, [{**data, "instances": edited_instances, "consistent": True}])
+    assert any("edited the previous image; 2 changed" in c for c in p.comments)
+    box = MigcParams.from_api({**data, "instances": edited_instances}).layout.instances[0].box
+    keep = preservation_map({(tuple(box), "x")}, p.width, p.height)
+    assert torch.equal(edited[..., keep == 1.0], first[..., keep == 1.0])
+    assert not torch.equal(edited[..., keep == 0.0], first[..., keep == 0.0])
