@@ -62,6 +62,12 @@ def pixels(b64: str):
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype("int16")
 
 
+def migc_entry(infotext: str) -> dict:
+    """An image's MIGC infotext entry as a dict (the WebUI quotes its JSON as a string)."""
+    quoted, _ = json.JSONDecoder().raw_decode(infotext[infotext.index("MIGC: ") + len("MIGC: "):])
+    return json.loads(quoted)
+
+
 def payload(base: dict, prompt: str, args=None, **extra) -> dict:
     """A txt2img request: ``base`` with ``prompt``, and the MIGC script's ``args`` when given."""
     out = {**base, "prompt": prompt, **extra}

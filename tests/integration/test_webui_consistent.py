@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from .conftest import pixels
+from .conftest import migc_entry, pixels
 
 SIZE = 256
 BASE = {"prompt": "a room", "negative_prompt": "", "steps": 6, "width": SIZE, "height": SIZE,
@@ -26,10 +26,8 @@ def run(webui, instances, consistent=True, **extra):
 
 
 def consistent_of(info) -> str | None:
-    """The ``consistent`` field of the image's MIGC infotext entry (the WebUI quotes the JSON as a string)."""
-    text = info["infotexts"][0]
-    quoted, _ = json.JSONDecoder().raw_decode(text[text.index("MIGC: ") + len("MIGC: "):])
-    return json.loads(quoted).get("consistent")
+    """The ``consistent`` field of the image's MIGC infotext entry."""
+    return migc_entry(info["infotexts"][0]).get("consistent")
 
 
 def regions(box, margin):

@@ -1,34 +1,12 @@
 """*MIGC layouts from file* in a real running WebUI (A1111 v1.10 or Forge), through the API's script_name."""
 import json
 
+from test_layout_file import COCO_MIG as YAML  # two entries in the COCO-MIG benchmark's format
+
+from .conftest import migc_entry
+
 BASE = {"prompt": "ignored", "negative_prompt": "", "steps": 3, "width": 256, "height": 256,
         "sampler_name": "Euler", "cfg_scale": 7, "seed": 500, "batch_size": 1}
-YAML = """\
-a photo of a red cup and a blue cup:
-  a blue cup:
-  - - 0.5
-    - 0.1
-    - 0.9
-    - 0.6
-  a red cup:
-  - - 0.05
-    - 0.2
-    - 0.4
-    - 0.7
-  coco_id: '12'
-a photo of a green apple:
-  a green apple:
-  - - 0.1
-    - 0.1
-    - 0.6
-    - 0.6
-  coco_id: '7'
-"""
-
-
-def migc_entry(infotext: str) -> dict:
-    quoted, _ = json.JSONDecoder().raw_decode(infotext[infotext.index("MIGC: ") + len("MIGC: "):])
-    return json.loads(quoted)
 
 
 def test_a_coco_mig_yaml_runs_with_two_seeds_per_layout(webui):
@@ -37,7 +15,7 @@ def test_a_coco_mig_yaml_runs_with_two_seeds_per_layout(webui):
     info = json.loads(body["info"])
     assert len(body["images"]) == 4 and len(info["infotexts"]) == 4
     entries = [migc_entry(text) for text in info["infotexts"]]
-    assert [len(e["instances"]) for e in entries] == [2, 2, 1, 1]
+    assert [len(e["instances"]) for e in entries] == [3, 3, 1, 1]
     assert [text.split("Seed: ")[1].split(",")[0] for text in info["infotexts"]] == ["500", "501", "500", "501"]
     assert info["infotexts"][0].startswith("a photo of a red cup and a blue cup")
 

@@ -3,19 +3,13 @@ import json
 
 import numpy as np
 
-from .conftest import pixels
+from .conftest import migc_entry, pixels
 
 BASE = {"prompt": "a room", "negative_prompt": "", "steps": 4, "width": 256, "height": 256,
         "sampler_name": "Euler", "cfg_scale": 7, "seed": 77, "batch_size": 1}
 INSTANCES = [{"description": "a red ball", "box": [0.05, 0.1, 0.5, 0.9]},
              {"description": "a gray cat", "box": [0.5, 0.2, 0.95, 0.8]}]
 MIGC = {"enabled": True, "weights": "MIGC_SD14.ckpt", "instances": INSTANCES, "migc_steps": 0.5}
-
-
-def migc_entry(infotext: str) -> dict:
-    """The image's MIGC infotext entry (the WebUI quotes its JSON as a string)."""
-    quoted, _ = json.JSONDecoder().raw_decode(infotext[infotext.index("MIGC: ") + len("MIGC: "):])
-    return json.loads(quoted)
 
 
 def axis_index(webui, label: str) -> int:
