@@ -13,14 +13,13 @@ from ..base import Mode
 from ..migc.params import MODE_MIGC
 from . import record as records
 from .method import changed_instances, instance_set, preservation_map
-from .params import EDITED, RECORDED, RESET
+from .params import EDITED, RECORDED, RESET, TAB
 from .record import Fingerprint, Record
 from .runtime import ConsistentRun
 
 log = logging.getLogger("migc")
 
 TITLE = "Keep unchanged instances"
-TAB = "txt2img"
 
 
 def interrupted() -> bool:

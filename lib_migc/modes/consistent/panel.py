@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import record as records
-from .mode import TAB
+from .params import TAB
 
 LABEL = "Keep unchanged instances (generate, change one box, generate again with the same seed)"
 FORGET_DONE = "The recorded image was forgotten; the next image records afresh."
@@ -13,6 +12,8 @@ FORGET_NONE = "Nothing was recorded."
 
 def forget_record() -> str:
     """The *Forget* button (API: ``"consistent": "reset"``)."""
+    from . import record as records  # torch: imported when used, so the panel builds without it
+
     return FORGET_DONE if records.forget(TAB) else FORGET_NONE
 
 

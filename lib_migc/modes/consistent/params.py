@@ -8,6 +8,8 @@ from typing import Any
 from ...core.errors import MigcError
 
 RESET = "reset"
+#: The tab whose last image is recorded (one record; the panel and the API share it).
+TAB = "txt2img"
 #: What the infotext says an image was: the first of a series, or an edit of the one before.
 RECORDED, EDITED = "record", "edit"
 
