@@ -67,10 +67,10 @@ def build_panel(is_img2img: bool) -> list[Any]:
         with gr.Row():
             mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=f"{tab}_migc_mode")
             bootstrap = gr.Slider(0.0, 1.0, value=DEFAULT_BOOTSTRAP, step=0.01, elem_id=f"{tab}_migc_md_bootstrap",
-                                  label="MultiDiffusion bootstrapping (fraction of steps; 0 = off)")
-        windows = windows_panel.build_section(gr, tab)
+                                  label="MultiDiffusion bootstrapping (fraction of steps; 0 = off)", visible=False)
+        windows, windows_section = windows_panel.build_section(gr, tab)
         gr.Markdown(mode_hint(bool(choices), folder), elem_id=f"{tab}_migc_mode_hint")
-        with gr.Row():
+        with gr.Row(elem_id=f"{tab}_migc_weights_row") as weights_row:
             weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
                                   elem_id=f"{tab}_migc_weights", allow_custom_value=True)
             refresh = tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
@@ -78,7 +78,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
         layout = gr.Textbox(value="", label="Instances (layout JSON)", lines=5, placeholder=LAYOUT_EXAMPLE, elem_id=f"{tab}_migc_layout")
         saved_layouts.build_row(gr, tab, layout)
         gr.Markdown(HELP.format(folder=folder))
-        with gr.Row():
+        with gr.Row(elem_id=f"{tab}_migc_steps_row") as steps_row:
             migc_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_steps")), step=0.01,
                                    label="MIGC steps (fraction of sampling steps)", elem_id=f"{tab}_migc_steps")
             naive_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_naive_steps")), step=0.01,
@@ -91,7 +91,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
             draw_boxes = gr.Checkbox(False, label="Draw boxes on an extra output image", elem_id=f"{tab}_migc_draw_boxes")
             hires = gr.Checkbox(bool(settings.option("migc_default_hires")), label="Also in the hires-fix pass", elem_id=f"{tab}_migc_hires")
 
-        consistent = consistent_panel.build_row(gr, tab, is_img2img)
+        consistent, consistent_row = consistent_panel.build_row(gr, tab, is_img2img)
         structure = structure_panel.build_section(gr, tab)
         fusion = fusion_panel.build_section(gr, tab)
 
@@ -100,12 +100,23 @@ def build_panel(is_img2img: bool) -> list[Any]:
             return gr.update(choices=found or [settings.option("migc_default_weights")])
 
         refresh.click(fn=refresh_choices, inputs=[], outputs=[weights])
+        shown_by_mode = [bootstrap, windows_section, weights_row, steps_row, consistent_row]
+        mode.change(fn=lambda value: [gr.update(visible=shown) for shown in visible_in_mode(value, is_img2img)],
+                    inputs=[mode], outputs=shown_by_mode, show_progress=False)
         paste_status = gr.Markdown("", elem_id=f"{tab}_migc_paste_status")
     components = PanelComponents([enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append,
                                   draw_boxes, hires, *structure, *fusion, mode, bootstrap, *windows, consistent])
     components.paste_status = paste_status
     assert len(components) == len(UI_FIELDS)
     return components
+
+
+def visible_in_mode(mode: str, is_img2img: bool) -> list[bool]:
+    """Which of the mode-specific controls act in ``mode`` (the panel shows only those): MultiDiffusion's
+    bootstrapping and windows, the MIGC weights, the MIGC/NaiveFuser steps, *Keep unchanged instances*.
+    A mode change from a pasted infotext updates them too (gradio fires ``change`` for it)."""
+    md, migc = mode == "multidiffusion", mode == "migc"
+    return [md, md, migc, mode in ("migc", "naive"), migc and not is_img2img]
 
 
 def mode_hint(have_weights: bool, folder: str) -> str:

@@ -17,15 +17,15 @@ def forget_record() -> str:
     return FORGET_DONE if records.forget(TAB) else FORGET_NONE
 
 
-def build_row(gr: Any, tab: str, is_img2img: bool) -> Any:
-    """The switch (in txt2img only: the record is the txt2img tab's); returns it."""
-    with gr.Row(visible=not is_img2img):
+def build_row(gr: Any, tab: str, is_img2img: bool) -> tuple[Any, Any]:
+    """The switch (in txt2img only: the record is the txt2img tab's) and its row (shown in the migc mode)."""
+    with gr.Row(visible=not is_img2img, elem_id=f"{tab}_migc_consistent_row") as row:
         switch = gr.Checkbox(False, label=LABEL, elem_id=f"{tab}_migc_consistent")
         forget = gr.Button("Forget", elem_id=f"{tab}_migc_consistent_forget", size="sm") if _has_size(gr) else \
             gr.Button("Forget", elem_id=f"{tab}_migc_consistent_forget")
         status = gr.Markdown("", elem_id=f"{tab}_migc_consistent_status")
     forget.click(fn=forget_record, inputs=[], outputs=[status])
-    return switch
+    return switch, row
 
 
 def _has_size(gr: Any) -> bool:

@@ -13,12 +13,14 @@ WINDOWS_HELP = (
 )
 
 
-def build_section(gr: Any, tab: str) -> list[Any]:
-    """The window fields, in ``md_window``, ``md_stride``, ``md_wrap`` order (the end of the positional list)."""
-    with gr.Row(elem_id=f"{tab}_migc_md_windows"):
-        window = gr.Number(value=WINDOW_NATIVE, precision=0, minimum=-1, maximum=MAX_SIDE,
-                           label="MultiDiffusion window (px; 0 = native, -1 = whole canvas)", elem_id=f"{tab}_migc_md_window")
-        stride = gr.Slider(8, 512, value=DEFAULT_STRIDE, step=8, label="Window stride (px)", elem_id=f"{tab}_migc_md_stride")
-        wrap = gr.Checkbox(False, label="Wrap around left-right (360° panorama)", elem_id=f"{tab}_migc_md_wrap")
-    gr.Markdown(WINDOWS_HELP)
-    return [window, stride, wrap]
+def build_section(gr: Any, tab: str) -> tuple[list[Any], Any]:
+    """The window fields, in ``md_window``, ``md_stride``, ``md_wrap`` order (the end of the positional list),
+    and the column holding them (shown in the multidiffusion mode only)."""
+    with gr.Column(visible=False, elem_id=f"{tab}_migc_md_section") as section:
+        with gr.Row(elem_id=f"{tab}_migc_md_windows"):
+            window = gr.Number(value=WINDOW_NATIVE, precision=0, minimum=-1, maximum=MAX_SIDE,
+                               label="MultiDiffusion window (px; 0 = native, -1 = whole canvas)", elem_id=f"{tab}_migc_md_window")
+            stride = gr.Slider(8, 512, value=DEFAULT_STRIDE, step=8, label="Window stride (px)", elem_id=f"{tab}_migc_md_stride")
+            wrap = gr.Checkbox(False, label="Wrap around left-right (360° panorama)", elem_id=f"{tab}_migc_md_wrap")
+        gr.Markdown(WINDOWS_HELP)
+    return [window, stride, wrap], section

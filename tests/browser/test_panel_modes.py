@@ -1,0 +1,56 @@
+"""The panel shows each mode's controls only in that mode, in both gradio versions, pasted infotexts included."""
+import json
+
+import pytest
+
+from .test_box_editor import Editor
+
+SHOWN = {  # element -> the modes it acts in
+    "txt2img_migc_md_bootstrap": {"multidiffusion"},
+    "txt2img_migc_md_section": {"multidiffusion"},
+    "txt2img_migc_weights_row": {"migc"},
+    "txt2img_migc_steps_row": {"migc", "naive"},
+    "txt2img_migc_consistent_row": {"migc"},
+}
+
+
+@pytest.fixture(scope="module")
+def page(demo, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(demo.url, timeout=120_000)
+    page.wait_for_selector("#txt2img_migc_editor_root canvas", state="attached", timeout=120_000)
+    yield page
+    context.close()
+
+
+def visible(page, elem_id: str) -> bool:
+    return page.locator(f"#{elem_id}").first.is_visible()
+
+
+def expect_mode(page, mode: str) -> None:
+    expected = {elem_id: mode in modes for elem_id, modes in SHOWN.items()}
+    page.wait_for_function(
+        "expected => Object.entries(expected).every(([id, shown]) => {"
+        " const el = document.getElementById(id); const seen = !!el && el.offsetParent !== null; return seen === shown; })",
+        arg=expected, timeout=30_000)
+    assert {elem_id: visible(page, elem_id) for elem_id in SHOWN} == expected
+
+
+def test_each_mode_shows_its_own_controls(page):
+    Editor(page, "txt2img").open()
+    expect_mode(page, "migc")
+    for mode in ("multidiffusion", "naive", "migc"):
+        page.locator("#txt2img_migc_mode label").filter(has_text=mode).first.click()
+        expect_mode(page, mode)
+
+
+def test_a_pasted_infotext_sets_the_mode_and_what_is_shown(page):
+    Editor(page, "txt2img").open()
+    migc = {"mode": "multidiffusion", "md_bootstrap": 0.2, "instances": [{"description": "a cat", "box": [0.1, 0.1, 0.5, 0.9]}]}
+    page.locator("#txt2img_migc_infotext textarea, #txt2img_migc_infotext input").first.fill(json.dumps(migc))
+    page.locator("#txt2img_migc_paste").click()
+    expect_mode(page, "multidiffusion")
+    page.locator("#txt2img_migc_infotext textarea, #txt2img_migc_infotext input").first.fill(json.dumps({**migc, "mode": "migc"}))
+    page.locator("#txt2img_migc_paste").click()
+    expect_mode(page, "migc")
