@@ -21,13 +21,13 @@ _NAME = re.compile(r"^[\w][\w .\-]{0,63}$")
 
 
 def folder() -> str:
-    """``<WebUI data dir>/migc_layouts`` (outside the WebUI: ``./migc_layouts``)."""
+    """``<WebUI data dir>/migc_layouts`` (outside the WebUI, e.g. the demo app: ``$MIGC_DATA_DIR`` or ``.``)."""
     try:
         from modules import paths_internal
 
         base = paths_internal.data_path
     except (ImportError, AttributeError):
-        base = os.getcwd()
+        base = os.environ.get("MIGC_DATA_DIR") or os.getcwd()
     return os.path.join(base, FOLDER_NAME)
 
 

@@ -16,6 +16,7 @@ import argparse
 import glob
 import itertools
 import os
+import tempfile
 from typing import Any
 
 from .core.errors import MigcError
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("MIGC_DATA_DIR", tempfile.mkdtemp(prefix="migc-demo-"))  # saved layouts go there
     _inject_into_page(page_head())
     app = build_app()
     app.queue()
