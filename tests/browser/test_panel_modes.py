@@ -54,3 +54,17 @@ def test_a_pasted_infotext_sets_the_mode_and_what_is_shown(page):
     page.locator("#txt2img_migc_infotext textarea, #txt2img_migc_infotext input").first.fill(json.dumps({**migc, "mode": "migc"}))
     page.locator("#txt2img_migc_paste").click()
     expect_mode(page, "migc")
+
+
+def test_add_on_sections_open_when_ticked_and_say_on_in_their_title(page):
+    Editor(page, "txt2img").open()
+    for name, title in (("structure", "StructureDiffusion"), ("fusion", "MagicFusion")):
+        options = page.locator(f"#txt2img_migc_{name}_options")
+        inner = f"#txt2img_migc_{name}_{'custom' if name == 'structure' else 'prompt_b'}"
+        assert not page.locator(inner).first.is_visible(), "collapsed until ticked"
+        page.locator(f"#txt2img_migc_{name}_enabled input").check()
+        page.locator(inner).first.wait_for(state="visible", timeout=30_000)
+        assert f"{title} options — on" in options.inner_text()
+        page.locator(f"#txt2img_migc_{name}_enabled input").uncheck()
+        page.locator(inner).first.wait_for(state="hidden", timeout=30_000)
+        assert "— on" not in options.inner_text()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...core.widgets import tool_button
+from ...core.widgets import optional_section, tool_button
 from .params import SAME, WINDOW_MODES, FusionParams, FusionWindow, fused_step_count
 
 FUSION_HELP = (
@@ -37,21 +37,22 @@ def build_section(gr: Any, tab: str) -> list[Any]:
 
     d = FusionParams()
     with gr.Group(elem_id=f"{tab}_migc_fusion"):
-        with gr.Row():
-            enabled = gr.Checkbox(False, label="MagicFusion", elem_id=f"{tab}_migc_fusion_enabled")
-            model_b = gr.Dropdown(titles(), value=None, label="Model B (second checkpoint)", allow_custom_value=True,
-                                  elem_id=f"{tab}_migc_fusion_model_b")
-            refresh = tool_button(gr, "\U0001f504", f"{tab}_migc_fusion_refresh")
-        prompt_b = gr.Textbox(value="", lines=1, label="Prompt B (empty: the main prompt)", elem_id=f"{tab}_migc_fusion_prompt_b")
-        with gr.Row():
-            k_a = gr.Slider(0.1, 10.0, value=d.k_a, step=0.1, label="k_A (temperature of A)", elem_id=f"{tab}_migc_fusion_k_a")
-            k_b = gr.Slider(0.1, 10.0, value=d.k_b, step=0.1, label="k_B (temperature of B)", elem_id=f"{tab}_migc_fusion_k_b")
-        with gr.Row():
-            window = gr.Radio(list(WINDOW_MODES), value=d.window_mode, label="Window", elem_id=f"{tab}_migc_fusion_window")
-            switch_t = gr.Slider(0, 1000, value=d.switch_t, step=1, label="Switch timestep t", elem_id=f"{tab}_migc_fusion_switch_t")
-            hires = gr.Checkbox(False, label="Also in the hires-fix pass", elem_id=f"{tab}_migc_fusion_hires")
-        steps_info = gr.Markdown(fused_steps_text(d.window_mode, d.switch_t), elem_id=f"{tab}_migc_fusion_steps")
-        gr.Markdown(FUSION_HELP)
+        enabled, options = optional_section(gr, tab, "fusion", "MagicFusion")
+        with options:
+            with gr.Row():
+                model_b = gr.Dropdown(titles(), value=None, label="Model B (second checkpoint)", allow_custom_value=True,
+                                      elem_id=f"{tab}_migc_fusion_model_b")
+                refresh = tool_button(gr, "\U0001f504", f"{tab}_migc_fusion_refresh")
+            prompt_b = gr.Textbox(value="", lines=1, label="Prompt B (empty: the main prompt)", elem_id=f"{tab}_migc_fusion_prompt_b")
+            with gr.Row():
+                k_a = gr.Slider(0.1, 10.0, value=d.k_a, step=0.1, label="k_A (temperature of A)", elem_id=f"{tab}_migc_fusion_k_a")
+                k_b = gr.Slider(0.1, 10.0, value=d.k_b, step=0.1, label="k_B (temperature of B)", elem_id=f"{tab}_migc_fusion_k_b")
+            with gr.Row():
+                window = gr.Radio(list(WINDOW_MODES), value=d.window_mode, label="Window", elem_id=f"{tab}_migc_fusion_window")
+                switch_t = gr.Slider(0, 1000, value=d.switch_t, step=1, label="Switch timestep t", elem_id=f"{tab}_migc_fusion_switch_t")
+                hires = gr.Checkbox(False, label="Also in the hires-fix pass", elem_id=f"{tab}_migc_fusion_hires")
+            steps_info = gr.Markdown(fused_steps_text(d.window_mode, d.switch_t), elem_id=f"{tab}_migc_fusion_steps")
+            gr.Markdown(FUSION_HELP)
     for component in (window, switch_t):
         component.change(fn=fused_steps_text, inputs=[window, switch_t], outputs=[steps_info])
     refresh.click(fn=lambda: gr.update(choices=titles()), inputs=[], outputs=[model_b])

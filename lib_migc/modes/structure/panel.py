@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...core.widgets import optional_section
 from .params import CUSTOM, MODES, SOURCES
 
 STRUCTURE_HELP = (
@@ -17,12 +18,13 @@ def build_section(gr: Any, tab: str) -> list[Any]:
     """The StructureDiffusion fields, in :data:`lib_migc.params.STRUCTURE_UI_FIELDS` order."""
 
     with gr.Group(elem_id=f"{tab}_migc_structure"):
-        with gr.Row():
-            enabled = gr.Checkbox(False, label="StructureDiffusion", elem_id=f"{tab}_migc_structure_enabled")
-            mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=f"{tab}_migc_structure_mode")
-            source = gr.Dropdown([*SOURCES, CUSTOM], value=SOURCES[0], label="Phrases from",
-                                 elem_id=f"{tab}_migc_structure_phrases")
-        custom = gr.Textbox(value="", lines=2, label="Custom phrases (one per line; used when 'Phrases from' is custom)",
-                            placeholder="a red car\na white sheep", elem_id=f"{tab}_migc_structure_custom")
-        gr.Markdown(STRUCTURE_HELP)
+        enabled, options = optional_section(gr, tab, "structure", "StructureDiffusion")
+        with options:
+            with gr.Row():
+                mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=f"{tab}_migc_structure_mode")
+                source = gr.Dropdown([*SOURCES, CUSTOM], value=SOURCES[0], label="Phrases from",
+                                     elem_id=f"{tab}_migc_structure_phrases")
+            custom = gr.Textbox(value="", lines=2, label="Custom phrases (one per line; used when 'Phrases from' is custom)",
+                                placeholder="a red car\na white sheep", elem_id=f"{tab}_migc_structure_custom")
+            gr.Markdown(STRUCTURE_HELP)
     return [enabled, mode, source, custom]
