@@ -777,7 +777,8 @@
             this.fileInput.value = "";
         }
 
-        /** Load our JSON or the official GUI's YAML; the YAML's prompt fills an empty main prompt. */
+        /** Load our JSON, the official GUI's YAML, a GLIGEN GUI file or a Tiled Diffusion region config; a
+         *  prompt in the file fills an empty main prompt. */
         importText(text, name) {
             let parsed;
             try {
@@ -788,6 +789,10 @@
                 return;
             }
             this.change(() => this.state.replace(parsed.instances, parsed.extra));
+            if (parsed.note) {
+                this.message = `Imported ${parsed.instances.length} boxes from ${name || "the file"}. Not converted: ${parsed.note}`;
+                this.render(false);
+            }
             if (parsed.prompt) {
                 const prompt = app().querySelector(`#${this.tab}_prompt textarea`);
                 if (prompt && !prompt.value.trim()) {

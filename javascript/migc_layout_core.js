@@ -301,10 +301,59 @@
         return { prompt, instances: instances.map((inst, i) => normaliseInstance(inst, i)) };
     }
 
-    /** Our JSON (first character { or [) or the official YAML, whichever the text is. */
+    const clamp01 = (v) => Math.min(Math.max(Number(v) || 0, 0), 1);
+
+    /**
+     * A GLIGEN GUI saved file: mapProps.boxMap is a list of [id, {x1, y1, x2, y2, caption}] in canvas
+     * pixels (top-left origin), the canvas size in stringProps.canvasWidth/canvasHeight (default 512).
+     * Boxes without a caption are left out (counted in ``note``).
+     */
+    function fromGligenGui(data) {
+        const props = data.stringProps || {};
+        const w = Number(props.canvasWidth) || 512, h = Number(props.canvasHeight) || 512;
+        const instances = [];
+        let skipped = 0;
+        for (const entry of (data.mapProps && data.mapProps.boxMap) || []) {
+            const b = Array.isArray(entry) ? entry[1] : entry;
+            const caption = b && b.caption ? String(b.caption).trim() : "";
+            if (!caption) { skipped += 1; continue; }
+            const [x0, x1] = [Number(b.x1), Number(b.x2)].sort((p, q) => p - q);
+            const [y0, y1] = [Number(b.y1), Number(b.y2)].sort((p, q) => p - q);
+            instances.push(normaliseInstance({ description: caption, box: [x0 / w, y0 / h, x1 / w, y1 / h].map(clamp01) }, instances.length));
+        }
+        const note = skipped ? `${skipped} box(es) without a caption were left out.` : "";
+        return { prompt: props.positivePrompt || null, instances, extra: {}, note };
+    }
+
+    /**
+     * Tiled Diffusion's region control: its infotext dict ({"Region control": {"Region 1": {...}}}, possibly
+     * under "Tiled Diffusion") or a saved region config ({"bbox_controls": [...]}); each region has x, y
+     * (top-left), w, h as image fractions, prompt, neg_prompt, enable.
+     */
+    function fromTiledDiffusion(data) {
+        const d = data["Tiled Diffusion"] || data;
+        const regions = d.bbox_controls || Object.values(d["Region control"] || {});
+        const instances = [];
+        for (const r of regions) {
+            if (r.enable === false || !(Number(r.w) > 0 && Number(r.h) > 0) || !String(r.prompt || "").trim()) continue;
+            const x = Number(r.x), y = Number(r.y);
+            const inst = normaliseInstance({ description: String(r.prompt).trim(),
+                box: [x, y, x + Number(r.w), y + Number(r.h)].map(clamp01) }, instances.length);
+            if (String(r.neg_prompt || "").trim()) inst.negative = String(r.neg_prompt).trim();
+            instances.push(inst);
+        }
+        if (!instances.length) throw new Error("Tiled Diffusion: no enabled region with a prompt");
+        return { prompt: null, instances, extra: {}, note: "blend modes, feathering and per-region seeds have no MIGC equivalent." };
+    }
+
+    /** Our JSON (first character { or [), a GLIGEN GUI file, a Tiled Diffusion region config, or the official YAML. */
     function parseImport(text) {
         const t = String(text).trim();
         if (t.startsWith("{") || t.startsWith("[")) {
+            let data = null;
+            try { data = JSON.parse(t); } catch (e) { data = null; }
+            if (data && data.mapProps) return fromGligenGui(data);
+            if (data && (data.bbox_controls || data["Region control"] || data["Tiled Diffusion"])) return fromTiledDiffusion(data);
             const parsed = parseLayoutJSON(t);
             return { prompt: null, instances: parsed.instances, extra: parsed.extra };
         }
@@ -539,7 +588,7 @@
     return {
         MAX_INSTANCES, SCALE_FIELDS, SCALE_RANGE, LATENT_GRID, PALETTE, CURSORS,
         colour, clamp, round, roundBox, boxFromPoints, snapValue, snapBox, migcGridCells,
-        hitTest, dragBox, normaliseInstance, parseLayoutJSON, layoutToJSON, parseOfficialYAML,
+        hitTest, dragBox, normaliseInstance, parseLayoutJSON, layoutToJSON, parseOfficialYAML, fromGligenGui, fromTiledDiffusion,
         parseImport, layoutWarnings, LayoutState, binariseMask, maskBox,
     };
 });

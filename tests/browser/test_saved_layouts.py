@@ -38,3 +38,15 @@ def test_import_save_clear_load_delete(page):
     assert ed.layout()[0]["description"] == "a crab"
     page.locator("#txt2img_migc_layout_delete").click()
     status(page, "Deleted 'crab on the left'")
+
+
+def test_the_editors_import_menu_reads_a_tiled_diffusion_config(page, tmp_path):
+    ed = Editor(page, "txt2img").open()
+    region = {"enable": True, "x": 0.5, "y": 0.25, "w": 0.25, "h": 0.5, "prompt": "a blue kite", "neg_prompt": "",
+              "blend_mode": "Background", "feather_ratio": 0.2, "seed": -1}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"bbox_controls": [region]}))
+    page.locator("#txt2img_migc_import_file").set_input_files(str(path))
+    page.wait_for_function("() => document.querySelector('#txt2img_migc_layout textarea').value.includes('a blue kite')", timeout=10_000)
+    assert ed.layout() == [{"description": "a blue kite", "box": [0.5, 0.25, 0.75, 0.75]}]
+    assert "Not converted" in page.locator("#txt2img_migc_status").inner_text()

@@ -262,3 +262,25 @@ test("setMask derives the box, clearMask returns to a box, and both undo", () =>
     assert.equal(s.instances[0].mask, undefined);
     close(s.instances[0].box, [0.1, 0.1, 0.4, 0.4]);
 });
+
+test("GLIGEN GUI files: canvas pixels to fractions, boxes without a caption left out", () => {
+    const file = JSON.stringify({ stringProps: { canvasWidth: "768", canvasHeight: 512, positivePrompt: "a beach" },
+        mapProps: { loraMap: [], boxMap: [[1709000000000, { id: 1, x1: 384, y1: 256, x2: 96, y2: 64, caption: "a crab" }],
+                                          [1709000000001, { id: 2, x1: 0, y1: 0, x2: 8, y2: 8 }]] } });
+    const parsed = C.parseImport(file);
+    assert.deepEqual(parsed.instances.map((i) => [i.description, i.box]), [["a crab", [0.125, 0.125, 0.5, 0.5]]]);
+    assert.equal(parsed.prompt, "a beach");
+    assert.match(parsed.note, /1 box\(es\) without a caption/);
+});
+
+test("Tiled Diffusion region configs and infotext dicts: top-left x, y and w, h fractions", () => {
+    const region = { enable: true, x: 0.1, y: 0.2, w: 0.3, h: 0.5, prompt: "a red car", neg_prompt: "blurry",
+                     blend_mode: "Foreground", feather_ratio: 0.2, seed: -1 };
+    const saved = C.parseImport(JSON.stringify({ bbox_controls: [region, { ...region, enable: false }] }));
+    assert.deepEqual(saved.instances.map((i) => [i.description, i.box.map((v) => Math.round(v * 1e6) / 1e6), i.negative]),
+                     [["a red car", [0.1, 0.2, 0.4, 0.7], "blurry"]]);
+    const infotext = C.parseImport(JSON.stringify({ "Tiled Diffusion": { "Region control": { "Region 2": region } } }));
+    assert.deepEqual(infotext.instances.map((i) => i.description), ["a red car"]);
+    assert.match(C.layoutToJSON(saved.instances, {}), /"negative":"blurry"/);
+    assert.throws(() => C.parseImport('{"bbox_controls": []}'), /no enabled region/);
+});
