@@ -68,9 +68,9 @@ def _fractions(values: list[float]) -> list[tuple[float, float]]:
     return spans
 
 
-def _numbers(text: str) -> list[float]:
+def _numbers(text: str, separator: str = ",") -> list[float]:
     try:
-        return [float(v.strip()) for v in text.split(",") if v.strip()]
+        return [float(v.strip()) for v in text.split(separator) if v.strip()]
     except ValueError:
         raise MigcError(f"Regional Prompter import: the divide ratio {text!r} is not a list of numbers.") from None
 
@@ -84,7 +84,7 @@ def rp_cells(ratios: str, columns: bool) -> list[list[float]]:
         spans = _fractions(_numbers(ratios))
         return [[a, 0.0, b, 1.0] if columns else [0.0, a, 1.0, b] for a, b in spans]
     outer_sep, inner_sep = (";", ",") if columns else (",", ";")
-    groups = [[float(v) for v in g.split(inner_sep) if v.strip()] for g in ratios.split(outer_sep) if g.strip()]
+    groups = [_numbers(g, inner_sep) for g in ratios.split(outer_sep) if g.strip()]
     outer = _fractions([g[0] for g in groups])
     cells = []
     for (a, b), group in zip(outer, groups):

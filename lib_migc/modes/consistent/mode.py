@@ -104,15 +104,17 @@ class ConsistentMode(Mode):
         run: ConsistentRun | None = job.state.get(self.name)
         if run is None or not run.evaluations or interrupted():
             return samples  # an interrupted job's record would be partial: the previous one stays
-        hires = bool(getattr(job.p, "enable_hr", False))
-        out = run.commit() if hires else run.final_latent(samples)
+        if getattr(job.p, "enable_hr", False):
+            run.commit()  # these are the hires pass's samples: the first pass's result is not blended again
+        else:
+            samples = run.final_latent(samples)
         if run.editing and run.unshared:
             job.p.comment(f"{TITLE}: {run.unshared} of {run.unshared + run.shared} self-attention calls ran without "
                           "the recorded image's tokens (the record limit in Settings → MIGC dropped the earliest steps).")
         if run.current.dropped:
             log.info("%s: the record keeps %d of %d self-attention calls (limit %d MiB)", TITLE, len(run.current.tokens),
                      len(run.current.tokens) + run.current.dropped, run.current.cap_bytes // 2**20)
-        return samples if hires else out
+        return samples
 
     def release_unused(self, params: MigcParams | None) -> None:
         """The record (about 1.4 GB of host memory at 512², 50 steps) is kept only while the option is on."""

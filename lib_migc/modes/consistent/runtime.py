@@ -42,6 +42,8 @@ class ConsistentRun:
         self.current.keep_latent(evaluation, x)
         recorded = self.previous.latents.get(evaluation) if self.previous is not None else None
         if recorded is not None and recorded.shape == x.shape:
+            if self.keep.device != x.device:
+                self.keep = self.keep.to(x.device)  # once per job, not at every evaluation
             x.copy_(blend_latent(x, recorded, self.keep))
 
     def self_attention_source(self, layer: str, x: torch.Tensor) -> torch.Tensor | None:
