@@ -3,10 +3,13 @@ on, and StructureDiffusion (default and conjunction mode).
 
     python bench/bench_unet.py [--sizes 512x512,768x512,1024x1024] [--instances 1,2,4,6,8,16]
                                [--plus 1,4,6,8] [--structure 2,4] [--repeats 3] [--device cpu|cuda] [--threads N]
+                               [--maps]
 
 ``--instances none`` / ``--plus none`` / ``--structure none`` leave those rows out. MIGC++ rows use its
 4 weighted layers; the extra row "MIGC++ + refined shader on the other 12" is the official script's
-schedule (RefinedSteps = all steps). Compare StructureDiffusion with
+schedule (RefinedSteps = all steps). ``--maps`` adds a twin of every case with *Show instance maps* on,
+measured in the same interleaved rounds (its "ratio to the case without maps" is the collection's cost).
+Compare StructureDiffusion with
 ``--attention sdp`` (the WebUI's usual optimisation): its cond rows run through SDPA, and ldm's own
 attention is slower than that, which would flatter it.
 
@@ -20,6 +23,7 @@ when a GPU is present. Asserts nothing: the figures go into the README's Perform
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -33,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lib_migc.core.instance_maps import InstanceMaps  # noqa: E402
 from lib_migc.core.layout import parse_layout  # noqa: E402
 from lib_migc.core.unet_layers import MIGC_LAYERS  # noqa: E402
 from lib_migc.hosts.a1111 import Hooks  # noqa: E402
@@ -138,6 +143,20 @@ def structure_session(phrases: int, mode: str, width: int, height: int, device, 
     return session
 
 
+def with_maps(session: MigcSession, width: int, height: int) -> MigcSession:
+    """The session collecting *Show instance maps* the way a job does (MIGC's SAC/fuser shares, or, with
+    StructureDiffusion alone, the spans' attention)."""
+    maps = InstanceMaps(owner="structure" if session.structure is not None else "migc")
+    maps.begin_pass(1, width, height)
+    if session.structure is not None:
+        session.structure.maps = maps
+        maps.labels = [f"phrase {i}" for i in range(session.structure.phrase_count)]
+    else:
+        session.maps = maps
+        maps.labels = list(session.params.layout.descriptions)
+    return session
+
+
 def cache_mib(session: MigcSession | None) -> float:
     """Tensors a session keeps for the whole generation (instance K/V, folded weights, masks)."""
     if session is None:
@@ -161,6 +180,7 @@ def main() -> None:
                         help="vanilla attention: ldm's own (materialises every score matrix; needs > 24 GB at "
                              "1024x1024) or scaled_dot_product_attention set on the class, as A1111's 'sdp' does")
     parser.add_argument("--no-memory", action="store_true", help="skip the (slow on CPU) peak-memory pass")
+    parser.add_argument("--maps", action="store_true", help="add each case again with instance maps collected")
     args = parser.parse_args()
     if args.attention == "sdp":
         use_sdp_attention()
@@ -235,6 +255,13 @@ def main() -> None:
                           structure_session(phrase_counts[0], "default", width, height, device, dtype)))
         for n in phrase_counts:
             cases.append((f"StructureDiffusion conjunction, {n} phrases", structure_session(n, "conjunction", width, height, device, dtype)))
+        if args.maps:
+            twins = []
+            for label, session in cases[1:]:
+                twin = copy.copy(session)
+                twin._shaders, twin.structure = {}, copy.copy(session.structure)
+                twins.append((f"{label} + maps", with_maps(twin, width, height)))
+            cases += twins
         for _, session in cases:
             run_case(session, timed=True)  # per-generation work: instance K/V, folded weights, masks
         peaks = {label: 0.0 if args.no_memory else run_case(session, timed=False)[1] for label, session in cases}
@@ -245,10 +272,14 @@ def main() -> None:
                 times[label].append(run_case(session, timed=True)[0])
         median = {label: statistics.median(values) for label, values in times.items()}
         off = median["MIGC off"]
-        migc_rows = [(int(label.split()[1]), median[label]) for label, _ in cases if label.startswith("MIGC, ")]
+        migc_rows = [(int(label.split()[1]), median[label]) for label, _ in cases if label.startswith("MIGC, ") and not label.endswith(" + maps")]
         for label, _ in cases:
             ms = median[label]
             print(f"| {size} | {label} | {ms:.0f} | {ms / off:.3f}x | {peaks[label] - peaks['MIGC off']:.0f} | {caches[label]:.0f} |")
+        for label, _ in cases:
+            if label.endswith(" + maps"):
+                base = label[:-len(" + maps")]
+                print(f"maps at {size}, {base}: {median[label] / median[base]:.4f}x the same case without maps")
         if len(migc_rows) > 1:
             print(f"\nper extra instance at {size} (least-squares slope over {len(migc_rows)} MIGC cases): "
                   f"{slope(migc_rows) / off * 100:+.2f}% of a plain step")

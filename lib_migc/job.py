@@ -19,6 +19,8 @@ from typing import Any
 from .core import host_memory
 from .core.draw import draw_layout
 from .core.errors import MigcError, argument_error, unexpected_error
+from .core.instance_maps import InstanceMaps
+from .core.map_image import render_map
 from .hosts.base import pass_size, sampler_step
 from .modes.registry import MODES, attention_session, begin_passes, effective_params
 from .params import INFOTEXT_KEY, MigcParams, asks_for_anything
@@ -41,9 +43,15 @@ class Job:
     hooks: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     lasting: list[Any] = field(default_factory=list)  # patches for the whole job (the VAE's), removed at its end
+    maps: InstanceMaps | None = None  # *Show instance maps*: filled by one mode (``maps.owner``)
 
     def write_infotext(self) -> None:
         self.p.extra_generation_params[INFOTEXT_KEY] = self.params.to_infotext(**self.infotext)
+
+    def maps_for(self, mode_name: str) -> InstanceMaps | None:
+        """The job's instance maps when ``mode_name`` is the mode that fills them, else None (it records nothing)."""
+        maps = self.maps
+        return maps if maps is not None and maps.owner == mode_name else None
 
     def is_current(self, hooks: Any) -> bool:
         """Whether ``hooks`` still belong to the running job's current pass (hooks left behind step aside)."""
@@ -134,11 +142,24 @@ def process(p: Any, args: tuple, host: ModuleType) -> None:
         for mode in MODES:
             if mode.asked(params):
                 mode.start(job)
+        job.maps = _maps_collector(p, params)
     except MigcError as exc:
         job.error = exc
     except Exception as exc:  # noqa: BLE001
         job.error = unexpected_error("MIGC could not start", exc)
     job.write_infotext()
+
+
+def _maps_collector(p: Any, params: MigcParams) -> InstanceMaps | None:
+    """*Show instance maps*: one collector, filled by the first running mode that can map (MIGC/naive,
+    MultiDiffusion, StructureDiffusion, MagicFusion, in that order), so each image gets one map."""
+    if not params.maps:
+        return None
+    owner = next((mode for mode in MODES if mode.asked(params) and mode.draws_maps), None)
+    if owner is None:
+        p.comment("MIGC: instance maps need MIGC, MultiDiffusion, StructureDiffusion or MagicFusion to run; none did.")
+        return None
+    return InstanceMaps(owner=owner.name)
 
 
 def before_sampling(p: Any, noise: Any = None) -> None:
@@ -158,6 +179,8 @@ def before_sampling(p: Any, noise: Any = None) -> None:
     from modules import devices
 
     job.session.begin_pass(*pass_size(p, hr_pass), list(p.seeds), devices.device)
+    if job.maps is not None:
+        job.maps.begin_pass(len(p.seeds), *pass_size(p, hr_pass))
     job.hooks, processor = begin_passes(job, modes, hr_pass, noise)
     attention = job.hooks["attention"] = job.host.Hooks(processor, on_error=_finish, is_current=lambda: _active is job)
     attention.install(p)
@@ -201,15 +224,28 @@ def post_sample(p: Any, ps: Any) -> None:
 def after_batch(p: Any) -> None:
     if _active is not None and _active.p is p:
         _remove_hooks(_active)
+        if _active.maps is not None:
+            _active.maps.end_batch()
 
 
 def postprocess(p: Any, processed: Any) -> None:
-    """End of the job: remove everything and add the boxes image if asked for."""
+    """End of the job: remove everything, then add the boxes image and the instance maps if asked for."""
     job = _active
     _finish()
-    if job is None or job.p is not p or not job.params.draw_boxes or not processed.images:
+    if job is None or job.p is not p or not processed.images:
         return
     first = min(getattr(processed, "index_of_first_image", 0), len(processed.images) - 1)
-    processed.images.append(draw_layout(processed.images[first], job.params.layout))
+    generated = list(range(first, len(processed.images)))
+    if job.params.draw_boxes:
+        _append_image(processed, draw_layout(processed.images[first], job.params.layout), first)
+    if job.maps is not None:
+        maps = [(batch, shares) for batch in job.maps.batches for shares in batch.shares]
+        for index, (batch, shares) in zip(generated, maps):
+            _append_image(processed, render_map(processed.images[index], shares, batch.labels, batch.source), index)
+
+
+def _append_image(processed: Any, image: Any, source_index: int) -> None:
+    """An extra output image, with the infotext of the generated image it was made from."""
+    processed.images.append(image)
     if getattr(processed, "infotexts", None):
-        processed.infotexts.append(processed.infotexts[min(first, len(processed.infotexts) - 1)])
+        processed.infotexts.append(processed.infotexts[min(source_index, len(processed.infotexts) - 1)])

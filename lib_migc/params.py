@@ -51,6 +51,7 @@ class MigcParams:
     md_window / md_stride / md_wrap: MultiDiffusion's windows on canvases larger than the model (window
     side in px, 0 = native, -1 = the whole canvas; stride in px; wrap around left-right for 360°).
     consistent: Consistent-MIG (keep unchanged instances): False, True, or "reset" (forget the record first).
+    maps: add an instance-map image per generated image (where each instance acted); never changes the image.
     """
 
     enabled: bool = False
@@ -70,6 +71,7 @@ class MigcParams:
     md_stride: int = region_params.DEFAULTS["md_stride"]
     md_wrap: bool = region_params.DEFAULTS["md_wrap"]
     consistent: bool | str = False
+    maps: bool = False
 
     @property
     def training_free(self) -> bool:
@@ -114,7 +116,7 @@ class MigcParams:
 
     def to_api(self) -> dict[str, Any]:
         skipped = (("layout", "structure", "magicfusion") + (() if self.mode == MODE_MULTIDIFFUSION else region_params.WINDOW_FIELDS)
-                   + (() if self.consistent else ("consistent",)))
+                   + (() if self.consistent else ("consistent",)) + (() if self.maps else ("maps",)))
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         out.update(self.layout.to_dict())
         if self.structure.enabled:
@@ -162,13 +164,13 @@ class MigcParams:
             self.enabled, self.weights, layout.to_json() if len(layout) else "", self.migc_steps, self.naive_steps,
             self.use_main_prompt, self.layout.global_prompt or "", self.append_descriptions, self.draw_boxes, self.hires,
             *self.structure.ui_values(), *self.magicfusion.ui_values(), self.mode, self.md_bootstrap,
-            self.md_window, self.md_stride, self.md_wrap, bool(self.consistent),
+            self.md_window, self.md_stride, self.md_wrap, bool(self.consistent), self.maps,
         ]
 
     # ------------------------------------------------------------------ validation
     @classmethod
     def _checked(cls, **values: Any) -> "MigcParams":
-        for name in ("enabled", "use_main_prompt", "append_descriptions", "draw_boxes", "hires"):
+        for name in ("enabled", "use_main_prompt", "append_descriptions", "draw_boxes", "hires", "maps"):
             if values.get(name) is not None:
                 switch(name, values[name])
         mode = values.get("mode")
@@ -188,7 +190,7 @@ UI_FIELDS: tuple[str, ...] = (
     "append_descriptions", "draw_boxes", "hires",
     "structure_enabled", "structure_mode", "structure_phrases", "structure_custom",
     "fusion_enabled", "fusion_model_b", "fusion_prompt_b", "fusion_k_a", "fusion_k_b", "fusion_window_mode",
-    "fusion_switch_t", "fusion_hires", "mode", "md_bootstrap", "md_window", "md_stride", "md_wrap", "consistent",
+    "fusion_switch_t", "fusion_hires", "mode", "md_bootstrap", "md_window", "md_stride", "md_wrap", "consistent", "maps",
 )
 STRUCTURE_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("structure_"))
 FUSION_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("fusion_"))
@@ -196,7 +198,7 @@ FUSION_UI_FIELDS = tuple(name for name in UI_FIELDS if name.startswith("fusion_"
 API_FIELDS: tuple[str, ...] = (
     "enabled", "weights", "instances", "global_prompt", "migc_steps", "naive_steps", "use_main_prompt",
     "append_descriptions", "draw_boxes", "hires", "structure", "magicfusion", "mode", "md_bootstrap",
-    "md_window", "md_stride", "md_wrap", "consistent",
+    "md_window", "md_stride", "md_wrap", "consistent", "maps",
 )
 
 

@@ -66,34 +66,39 @@ def build_panel(is_img2img: bool) -> list[Any]:
         default = settings.option("migc_default_weights")
         with gr.Row():
             mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=f"{tab}_migc_mode")
+            with gr.Row(elem_id=f"{tab}_migc_weights_row") as weights_row:
+                weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
+                                      elem_id=f"{tab}_migc_weights", allow_custom_value=True)
+                refresh = tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
             bootstrap = gr.Slider(0.0, 1.0, value=DEFAULT_BOOTSTRAP, step=0.01, elem_id=f"{tab}_migc_md_bootstrap",
                                   label="MultiDiffusion bootstrapping (fraction of steps; 0 = off)", visible=False)
         windows, windows_section = windows_panel.build_section(gr, tab)
-        gr.Markdown(mode_hint(bool(choices), folder), elem_id=f"{tab}_migc_mode_hint")
-        with gr.Row(elem_id=f"{tab}_migc_weights_row") as weights_row:
-            weights = gr.Dropdown(choices=choices or [default], value=default, label="MIGC weights",
-                                  elem_id=f"{tab}_migc_weights", allow_custom_value=True)
-            refresh = tool_button(gr, "\U0001f504", f"{tab}_migc_refresh")
+        gr.Markdown(mode_hint(bool(choices), folder), elem_id=f"{tab}_migc_mode_hint", visible=not choices)
         gr.HTML(value=EDITOR_MOUNT, elem_id=f"{tab}_migc_editor")
         layout = gr.Textbox(value="", label="Instances (layout JSON)", lines=5, placeholder=LAYOUT_EXAMPLE, elem_id=f"{tab}_migc_layout")
         saved_layouts.build_row(gr, tab, layout)
-        gr.Markdown(HELP.format(folder=folder))
         with gr.Row(elem_id=f"{tab}_migc_steps_row") as steps_row:
             migc_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_steps")), step=0.01,
                                    label="MIGC steps (fraction of sampling steps)", elem_id=f"{tab}_migc_steps")
             naive_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_naive_steps")), step=0.01,
                                     label="NaiveFuser steps (fraction; 0 = off)", elem_id=f"{tab}_migc_naive_steps")
-        with gr.Row():
+        with gr.Row(elem_id=f"{tab}_migc_switches"):
             use_main_prompt = gr.Checkbox(True, label="Use main prompt as global prompt", elem_id=f"{tab}_migc_use_main_prompt")
-            global_prompt = gr.Textbox(value="", label="Global prompt (when not using the main prompt)", lines=1, elem_id=f"{tab}_migc_global_prompt")
-        with gr.Row():
             append = gr.Checkbox(True, label="Add instance descriptions to the prompt", elem_id=f"{tab}_migc_append")
             draw_boxes = gr.Checkbox(False, label="Draw boxes on an extra output image", elem_id=f"{tab}_migc_draw_boxes")
             hires = gr.Checkbox(bool(settings.option("migc_default_hires")), label="Also in the hires-fix pass", elem_id=f"{tab}_migc_hires")
+            maps = gr.Checkbox(False, label="Show instance maps", elem_id=f"{tab}_migc_maps")
+            consistent, consistent_row = consistent_panel.build_row(gr, tab, is_img2img)
+        global_prompt = gr.Textbox(value="", label="Global prompt (when not using the main prompt)", lines=1,
+                                   elem_id=f"{tab}_migc_global_prompt", visible=False)
+        use_main_prompt.change(fn=lambda on: gr.update(visible=not on), inputs=[use_main_prompt], outputs=[global_prompt],
+                               show_progress=False)
 
-        consistent, consistent_row = consistent_panel.build_row(gr, tab, is_img2img)
-        structure = structure_panel.build_section(gr, tab)
-        fusion = fusion_panel.build_section(gr, tab)
+        with gr.Row(elem_id=f"{tab}_migc_add_ons"):  # side by side: two lines while both are collapsed
+            structure = structure_panel.build_section(gr, tab)
+            fusion = fusion_panel.build_section(gr, tab)
+        with gr.Accordion("Help", open=False, elem_id=f"{tab}_migc_help"):
+            gr.Markdown("\n\n".join([HELP.format(folder=folder), MODES_HELP, consistent_panel.INFO]))
 
         def refresh_choices() -> Any:
             found = weight_files.list_weight_files(settings.models_dir())
@@ -105,7 +110,7 @@ def build_panel(is_img2img: bool) -> list[Any]:
                     inputs=[mode], outputs=shown_by_mode, show_progress=False)
         paste_status = gr.Markdown("", elem_id=f"{tab}_migc_paste_status")
     components = PanelComponents([enabled, weights, layout, migc_steps, naive_steps, use_main_prompt, global_prompt, append,
-                                  draw_boxes, hires, *structure, *fusion, mode, bootstrap, *windows, consistent])
+                                  draw_boxes, hires, *structure, *fusion, mode, bootstrap, *windows, consistent, maps])
     components.paste_status = paste_status
     assert len(components) == len(UI_FIELDS)
     return components
@@ -119,16 +124,20 @@ def visible_in_mode(mode: str, is_img2img: bool) -> list[bool]:
     return [md, md, migc, mode in ("migc", "naive"), migc and not is_img2img]
 
 
+MODES_HELP = ("**migc**: the trained MIGC / MIGC++ layers (SD1.x, weights file). **naive**: MIGC's weight-free fuser "
+              "on every cross-attention (SD1.x, SD2.x, SDXL; cheap). **multidiffusion**: each box denoised with its own "
+              "prompt and fused per pixel (any model; about (N+2)/2 times the time of a plain image); on canvases larger "
+              "than the model, in overlapping windows: panoramas, with or without boxes. **Show instance maps** adds one "
+              "image per image: where each instance acted (MIGC's aggregation weights, the fuser's, MultiDiffusion's "
+              "region weights, StructureDiffusion's attention, MagicFusion's model-B pixels).")
+
+
 def mode_hint(have_weights: bool, folder: str) -> str:
-    """Which mode to pick: MIGC needs its weights and an SD1.x model; the others need neither."""
-    modes = ("**migc**: the trained MIGC / MIGC++ layers (SD1.x, weights file). **naive**: MIGC's weight-free fuser "
-             "on every cross-attention (SD1.x, SD2.x, SDXL; cheap). **multidiffusion**: each box denoised with its own "
-             "prompt and fused per pixel (any model; about (N+2)/2 times the time of a plain image); on canvases larger "
-             "than the model, in overlapping windows: panoramas, with or without boxes.")
+    """Shown only without MIGC weights: which modes still work (the modes themselves are explained under Help)."""
     if have_weights:
-        return modes
+        return ""
     return (f"⚠ No MIGC weights found in {folder}: choose **naive** or **multidiffusion**, which need none, "
-            "or download MIGC_SD14.ckpt there. " + modes)
+            "or download MIGC_SD14.ckpt there.")
 
 
 #: The panel's switches and mode: what a paste without a MIGC entry resets (the drawn layout is kept).

@@ -24,6 +24,8 @@ class Mode:
     #: Modes that do not run beside this one: when both are asked for, they are skipped with ``exclusion_reason``.
     excludes: ClassVar[tuple[str, ...]] = ()
     exclusion_reason: ClassVar[str] = ""
+    #: Whether it fills *Show instance maps* when it is the first running mode that can (``job.maps_for``).
+    draws_maps: ClassVar[bool] = False
 
     def asked(self, params: MigcParams) -> bool:
         """Whether the job's parameters ask for this mode."""

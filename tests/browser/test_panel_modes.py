@@ -68,3 +68,32 @@ def test_add_on_sections_open_when_ticked_and_say_on_in_their_title(page):
         page.locator(f"#txt2img_migc_{name}_enabled input").uncheck()
         page.locator(inner).first.wait_for(state="hidden", timeout=30_000)
         assert "— on" not in options.inner_text()
+
+
+def _paste(page, entry: dict) -> None:
+    page.locator("#txt2img_migc_infotext textarea, #txt2img_migc_infotext input").first.fill(json.dumps(entry))
+    page.locator("#txt2img_migc_paste").click()
+
+
+def test_instance_maps_and_the_global_prompt_follow_a_paste(page):
+    """*Show instance maps* is in view in every mode and restored by a paste; the global prompt box shows only
+    while *Use main prompt* is off."""
+    Editor(page, "txt2img").open()
+    maps = page.locator("#txt2img_migc_maps input")
+    global_prompt = page.locator("#txt2img_migc_global_prompt")
+    instances = [{"description": "a cat", "box": [0.1, 0.1, 0.5, 0.9]}]
+    _paste(page, {"maps": True, "use_main_prompt": False, "global_prompt": "a park", "instances": instances})
+    page.wait_for_function("() => document.querySelector('#txt2img_migc_maps input').checked", timeout=30_000)
+    global_prompt.first.wait_for(state="visible", timeout=30_000)
+    assert global_prompt.locator("textarea, input").first.input_value() == "a park"
+    for mode in ("multidiffusion", "naive", "migc"):
+        page.locator("#txt2img_migc_mode label").filter(has_text=mode).first.click()
+        expect_mode(page, mode)
+        assert maps.is_visible()
+    _paste(page, {"instances": instances})
+    page.wait_for_function("() => !document.querySelector('#txt2img_migc_maps input').checked", timeout=30_000)
+    global_prompt.first.wait_for(state="hidden", timeout=30_000)
+    page.locator("#txt2img_migc_use_main_prompt input").uncheck()
+    global_prompt.first.wait_for(state="visible", timeout=30_000)
+    page.locator("#txt2img_migc_use_main_prompt input").check()
+    global_prompt.first.wait_for(state="hidden", timeout=30_000)

@@ -39,6 +39,26 @@ def test_panel_renders_in_txt2img_and_img2img(page):
     assert os.path.getsize(shot) > 0
 
 
+def test_with_migc_alone_the_panel_fits_one_1000px_screen(page):
+    """Issue 19: at 1400 px wide (the fixture's width; the height does not change the layout), MIGC mode with two
+    instances, the add-on sections collapsed: the whole panel, editor and rows included, is at most 1000 px tall."""
+    acc = page.locator("#txt2img_migc_enabled")
+    if not page.locator("#txt2img_migc_editor_root canvas").first.is_visible():
+        page.locator("#txt2img_migc_enabled .label-wrap, #txt2img_migc_enabled > .label-wrap").first.click()
+    page.locator("#txt2img_migc_editor_root canvas").first.wait_for(state="visible", timeout=30_000)
+    page.locator("#txt2img_migc_mode label").filter(has_text="migc").first.click()
+    layout = page.locator("#txt2img_migc_layout textarea")
+    page.evaluate("([sel, value]) => { const t = document.querySelector(sel); t.value = value;"
+                  " t.dispatchEvent(new Event('input', {bubbles: true})); }",
+                  ["#txt2img_migc_layout textarea", json.dumps({"instances": INSTANCES})])
+    page.wait_for_timeout(800)
+    assert "a red ball" in layout.input_value()
+    height = acc.bounding_box()["height"]
+    shot = os.path.join(os.environ.get("MIGC_SCREENSHOTS", tempfile.gettempdir()), "migc_panel_migc_mode.png")
+    acc.screenshot(path=shot)
+    assert height <= 1000, f"the MIGC panel is {height:.0f} px tall with MIGC alone (screenshot: {shot})"
+
+
 def test_pasting_an_infotext_restores_the_panel(page):
     migc = {"weights": "MIGC_SD14.ckpt", "migc_steps": 0.3, "naive_steps": 0.1, "use_main_prompt": True,
             "append_descriptions": True, "draw_boxes": True, "hires": False, "instances": INSTANCES, "weights_hash": "0"}

@@ -5,7 +5,10 @@ from typing import Any
 
 from .params import TAB
 
-LABEL = "Keep unchanged instances (generate, change one box, generate again with the same seed)"
+LABEL = "Keep unchanged instances"
+#: For the panel's Help (the label stays one line).
+INFO = ("**Keep unchanged instances** (migc mode, txt2img): generate, change one box, generate again with the same seed; "
+        "the other instances stay as they were (Consistent-MIG).")
 FORGET_DONE = "The recorded image was forgotten; the next image records afresh."
 FORGET_NONE = "Nothing was recorded."
 
@@ -32,3 +35,4 @@ def _has_size(gr: Any) -> bool:
     import inspect
 
     return "size" in inspect.signature(gr.Button.__init__).parameters
+

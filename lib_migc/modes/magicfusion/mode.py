@@ -71,7 +71,10 @@ def install(job: Any, hr_pass: bool) -> Any:
         with devices.autocast():
             cond = p.sd_model.get_learned_conditioning([params.prompt_b])
         prompt_b = (cond["crossattn"] if isinstance(cond, dict) else cond)[0].detach()
-    runtime = FusionRuntime(params, unet_b, prompt_b)
+    runtime = FusionRuntime(params, unet_b, prompt_b, maps=job.maps_for("magicfusion"))
+    if runtime.maps is not None:
+        runtime.maps.labels = [f"model B ({params.model_b})" + (f": {params.prompt_b[:40]}" if params.prompt_b else "")]
+        runtime.maps.source = "Shares: the part of the fused steps in which model B won the pixel (the rest: model A)"
     hooks = job.host.StepHooks("MagicFusion", denoise=runtime.denoise_rows, blend=runtime.blend,
                                modules=() if unet_b is None else (unet_b,), runtime=runtime,
                                is_current=lambda: job.is_current(hooks))
@@ -83,6 +86,7 @@ class MagicFusionMode(Mode):
     """A second SD1.x checkpoint's predictions blended in by saliency, beside the other modes or alone."""
 
     name, title = "magicfusion", "MagicFusion"
+    draws_maps = True
 
     def asked(self, params: MigcParams) -> bool:
         return params.magicfusion.enabled

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ...core import host_memory
 from ...core.errors import MigcError
 from ...core.hook_points import CfgRows, ModelRows
+from ...core.instance_maps import InstanceMaps
 from ...core.rng import global_rng_kept
 from .method import select_by_mask, snb_mask
 from .params import FusionParams, fused_at_timestep
@@ -81,6 +82,7 @@ class FusionRuntime:
     params: FusionParams
     unet_b: nn.Module | None
     prompt_b: torch.Tensor | None = None  # (L, D)
+    maps: InstanceMaps | None = None  # *Show instance maps*, when MagicFusion is the mode that fills them
     #: B's output row per (is cond, image) of the step ``_stash_step``, kept from the model calls to the blend.
     _stash: dict[tuple[bool, int], torch.Tensor] = field(default_factory=dict, repr=False)
     _stash_step: int | None = field(default=None, repr=False)
@@ -126,6 +128,8 @@ class FusionRuntime:
             return False
         out_b = torch.stack([stash[key] for key in keys])
         mask = blend_rows(step.out, out_b, step.x, step.sigma, step.images, step.guidance, self.params, b_denoised=True)
+        if mask is not None and self.maps is not None:
+            self.maps.add(range(step.images), mask[:, None])
         return mask is not None
 
 

@@ -33,6 +33,7 @@ class MigcMode(Mode):
     """The trained MIGC/MIGC++ layers (``mode: migc``, SD1.x) or the weight-free fuser (``mode: naive``, any family)."""
 
     name, title = MODE_MIGC, "MIGC"
+    draws_maps = True
 
     def asked(self, params: MigcParams) -> bool:
         return params.enabled and params.mode in (MODE_MIGC, MODE_NAIVE) and len(params.layout) > 0
@@ -82,8 +83,21 @@ class MigcMode(Mode):
         instances are told under the image once. The attention hooks every job installs do the work."""
         session = job.session
         session.migc_off = not self.runs_in_pass(job.params, hr_pass)
+        session.maps = maps = job.maps_for(self.name)
+        if maps is not None:
+            maps.labels, maps.source = list(job.params.layout.descriptions), maps_source(job.params, session)
         if job.params.mode == MODE_MIGC and not hr_pass:
             warn_vanished(job.p, job.params, session.vanished_instances())
+
+
+def maps_source(params: MigcParams, session: Any) -> str:
+    """The legend's last line: which weights the instance maps show."""
+    fuser = "the naive fuser's weights"
+    if params.mode == MODE_NAIVE:
+        return f"Shares: {fuser}, mean over the shaded attention calls on the coarse (16x16, 8x8 at 512x512) maps"
+    sac = "MIGC++'s SAC weights" if session.weights is not None and session.weights.plus else "MIGC's SAC weights"
+    naive = f", then {fuser}" if params.naive_steps > params.migc_steps else ""
+    return f"Shares: {sac} x instance masks{naive}, mean over the shaded attention calls on the coarse (16x16, 8x8 at 512x512) maps"
 
 
 def unknown_family(p: Any, mode: str) -> str | None:

@@ -12,11 +12,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ...core.instance_maps import InstanceMaps
 from ...core.masks import FeatureMasks, MaskCache
 from ...params import MigcParams, step_limit
 from ..structure.method import StructureRuntime
 from .checkpoint import MigcWeights
-from .shading import InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations, sac_slots
+from .shading import (InstanceConditioning, LayerShader, ShadingMode, draw_sac_permutations, naive_instance_shares,
+                      sac_instance_shares, sac_slots)
 
 PlainForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,6 +53,7 @@ class MigcSession:
         self._shaders: dict[str, LayerShader] = {}
         self.structure: StructureRuntime | None = None  # StructureDiffusion on the cond rows of every attn2
         self.migc_off = False  # a pass where only other modes run (e.g. MagicFusion's hires pass)
+        self.maps: InstanceMaps | None = None  # *Show instance maps*, when MIGC is the mode that fills them
 
     # ------------------------------------------------------------------ pass / step
     def begin_pass(self, width: int, height: int, seeds: Sequence[int], device: torch.device) -> None:
@@ -139,4 +142,11 @@ class MigcSession:
         if mode is ShadingMode.MIGC:
             gens = [self._generators[min(i, len(self._generators) - 1)] for i in images]
             perms = draw_sac_permutations(gens, x.device, sac_slots(shader.block))
-        return shader(x, context, self.masks_for(x.shape[1], x), mode, perms=perms, global_heads=global_heads)
+        masks = self.masks_for(x.shape[1], x)
+        maps = self.maps
+        if maps is None or not maps.wants(x.shape[1]):
+            return shader(x, context, masks, mode, perms=perms, global_heads=global_heads)
+        out, weights = shader(x, context, masks, mode, perms=perms, global_heads=global_heads, return_weights=True)
+        shares = sac_instance_shares(weights, masks) if weights is not None else naive_instance_shares(masks)
+        maps.add(images, shares.expand(x.shape[0], *shares.shape[-3:]))
+        return out

@@ -108,6 +108,27 @@ def draw_sac_permutations(
     return torch.stack(perms).to(device, non_blocking=True)
 
 
+def naive_instance_shares(masks: FeatureMasks) -> torch.Tensor:
+    """(N, H, W): each instance's weight in the naive fuser, ``10 m_i / (1 + Σ 10 m_j + eps)`` (the rest is the
+    global prompt's); what *Show instance maps* records for the naive phase."""
+    inst_w = NAIVE_INSTANCE_WEIGHT * masks.instances
+    return (inst_w / (1.0 + inst_w.sum(0) + NAIVE_EPS)).reshape(-1, *masks.size)
+
+
+def sac_instance_shares(weights: torch.Tensor, masks: FeatureMasks) -> torch.Tensor:
+    """(B, N, H, W): each instance's part of what the SAC actually mixes at a pixel, from the weights
+    :class:`LayerShader` returns (MIGC: [background, instances, template]; MIGC++: [instances, template]).
+    The shader multiplies the background's weight by its mask and each instance's by its own, so those
+    products (and the template's weight) are the parts: outside its mask an instance has none."""
+    n = masks.instances.shape[0]
+    size = masks.size
+    inst = weights[:, -n - 1:-1] * masks.instances.reshape(n, *size)
+    rest = weights[:, -1]
+    if weights.shape[1] == n + 2:
+        rest = rest + weights[:, 0] * masks.background.reshape(size)
+    return inst / (inst.sum(1) + rest).clamp(min=1e-12)[:, None]
+
+
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(..., L, H*d) -> (..., H, L, d)."""
     return t.unflatten(-1, (heads, -1)).transpose(-3, -2)

@@ -142,10 +142,23 @@ def install(job: Any, hr_pass: bool, noise: torch.Tensor | None) -> Any:
     if prompts is None:
         prompts = job.state[MODE_MULTIDIFFUSION] = encode_prompts(job.p, job.params)  # once per job
     runtime = build_runtime(job, hr_pass, noise, prompts)
+    record_maps(job, runtime)
     hooks = job.host.StepHooks("MultiDiffusion", denoise=runtime.denoise_rows, runtime=runtime,
                                  is_current=lambda: job.is_current(hooks))
     hooks.install(job.p)
     return hooks
+
+
+def record_maps(job: Any, runtime: RegionRuntime) -> None:
+    """*Show instance maps*: the boxes' fusion weights of this pass, the same for every image of the batch."""
+    maps = job.maps_for(MODE_MULTIDIFFUSION)
+    if maps is None:
+        return
+    maps.labels = list(job.params.layout.descriptions)
+    maps.source = "Shares: each box's MultiDiffusion fusion weight (its region mask over every window)"
+    shares = runtime.region_shares()[1:]
+    images = len(job.p.seeds)
+    maps.add(range(images), shares.expand(images, *shares.shape))
 
 
 def needs_windows(p: Any, params: MigcParams) -> bool:
@@ -169,6 +182,7 @@ class MultiDiffusionMode(Mode):
     """Each box its own prompt through the whole denoiser, fused per pixel (``mode: multidiffusion``, any family)."""
 
     name, title = MODE_MULTIDIFFUSION, "MultiDiffusion"
+    draws_maps = True
     excludes = ("structure", "magicfusion")
     exclusion_reason = ("MultiDiffusion runs each box as its own prompt, which they do not combine with; use the migc "
                         "or naive mode to combine them.")

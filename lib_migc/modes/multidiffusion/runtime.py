@@ -139,6 +139,16 @@ class RegionRuntime:
     def regions(self) -> int:
         return int(self.masks.shape[0])
 
+    def region_shares(self) -> torch.Tensor:
+        """(R, h, w), background first: each region's share of a cond row's fusion weight ``Σ m`` over every
+        window, i.e. how much of each latent cell's prediction comes from that region's prompt (what
+        *Show instance maps* shows for MultiDiffusion). Bootstrapping changes the inputs, not these weights."""
+        masks = self.masks.float()
+        total = torch.zeros_like(masks)
+        for window in self.windows:
+            add_into(total, window, crop(masks, window))
+        return divide_covered(total, total.sum(0, keepdim=True))[:, 0]
+
     def fits(self, x: torch.Tensor) -> bool:
         """Whether ``x``'s latent size is the one the masks were built for (else: pass through)."""
         return tuple(x.shape[-2:]) == tuple(self.masks.shape[-2:])

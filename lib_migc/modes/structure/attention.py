@@ -34,6 +34,7 @@ class Overlay:
 
     start: int
     rows: torch.Tensor  # (L, D): the same for every row of the context; (B, L, D): each row its own
+    text: str = ""  # the phrase, for the instance maps' legend
 
     @property
     def end(self) -> int:
@@ -114,6 +115,18 @@ def structured_heads(
         return out.mean(0)
     value = mean_value_context(full, overlays) if value is None else value
     return F.scaled_dot_product_attention(q, _heads(attn.to_k(full), heads), _heads(attn.to_v(value), heads))
+
+
+def span_shares(attn: nn.Module, q: torch.Tensor, full: torch.Tensor, overlays: Sequence[Overlay],
+                content: torch.Tensor) -> torch.Tensor:
+    """(B, S, HW): each phrase span's share of the attention that query heads ``q`` (B, h, HW, d) give the
+    prompt's words (``content``: (L,) bool, the rows of real tokens; BOS, EOS and padding are left out), averaged
+    over heads, with the prompt's own keys. What *Show instance maps* shows for StructureDiffusion."""
+    k = _heads(attn.to_k(full), q.shape[1])
+    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, dim=-1).mean(1)  # (B, HW, L)
+    words = probs[..., content[:probs.shape[-1]]].sum(-1).clamp(min=1e-8)
+    spans = torch.stack([probs[..., o.start:o.end].sum(-1) for o in overlays], dim=1)
+    return spans / words[:, None]
 
 
 def structured_forward(attn: nn.Module, x: torch.Tensor, full: torch.Tensor, overlays: Sequence[Overlay], mode: str,

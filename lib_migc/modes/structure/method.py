@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from ...core.errors import MigcError
+from ...core.instance_maps import InstanceMaps
 from ...params import has_and_subprompts
-from .attention import CHUNK_TOKENS, Overlay, mean_value_context, structured_forward, structured_heads
+from .attention import CHUNK_TOKENS, Overlay, _heads, mean_value_context, span_shares, structured_forward, structured_heads
 from .params import StructureParams
 from .spans import find_spans, phrases_from_descriptions, split_prompt, vocab_from_tokenizer
 
@@ -35,7 +36,11 @@ class StructureRuntime:
     mode: str
     image_segments: list[Segments]  # one entry per image of the batch
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: (first, end) context rows of each chunk's words, per overlay list (``id``); absent: all rows but BOS
+    words: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    maps: InstanceMaps | None = None  # *Show instance maps*, when StructureDiffusion is the mode that fills them
     _value: tuple[tuple, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _word_rows: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def phrase_count(self) -> int:
@@ -77,10 +82,43 @@ class StructureRuntime:
             self._value = (key, context, mean_value_context(context, overlays))
         return self._value[2]
 
+    def labels(self) -> list[str]:
+        """The phrases of the first image's first prompt segment (the maps' channels)."""
+        first = self.image_segments[0][0][1] if self.image_segments and self.image_segments[0] else []
+        return [o.text for o in first]
+
+    def _word_mask(self, overlays: list[Overlay], length: int, device: torch.device) -> torch.Tensor:
+        key = (id(overlays), length, str(device))
+        mask = self._word_rows.get(key)
+        if mask is None:
+            mask = torch.zeros(length, dtype=torch.bool)
+            for first, end in self.words.get(id(overlays), [(c + 1, c + CHUNK_TOKENS) for c in range(0, length, CHUNK_TOKENS)]):
+                mask[first:end] = True
+            mask = self._word_rows[key] = mask.to(device)
+        return mask
+
+    def record_map(self, attn: nn.Module, q: torch.Tensor | Callable[[], torch.Tensor], rows: torch.Tensor,
+                   overlays: list[Overlay], images: Sequence[int]) -> None:
+        """Add the spans' attention shares of these rows to the instance maps, on the coarse layers they record
+        (``q``: the query heads, or how to make them); rows whose phrases are not the legend's are left out."""
+        maps = self.maps
+        if maps is None or not overlays or len(overlays) != len(maps.labels) or any(o.end > rows.shape[1] for o in overlays):
+            return
+        q = q if torch.is_tensor(q) else q()
+        if not maps.wants(q.shape[-2]):
+            return
+        shares = span_shares(attn, q, rows, overlays, self._word_mask(overlays, rows.shape[1], rows.device))
+        maps.add(images, shares.reshape(*shares.shape[:2], *maps.size_of(q.shape[-2])))
+
+    def _images_of(self, images: Sequence[int], idx: Any) -> list[int]:
+        return list(images) if isinstance(idx, slice) else [images[i] for i in idx]
+
     def forward(self, attn: nn.Module, x: torch.Tensor, context: torch.Tensor, images: Sequence[int], step: int) -> torch.Tensor:
         """attn2 output (after to_out) of cond rows ``x`` with their prompt context ``context``."""
         def run(idx: Any, o: list[Overlay]) -> torch.Tensor:
             rows = context[idx]
+            if self.maps is not None and self.maps.wants(x.shape[1]):
+                self.record_map(attn, lambda: _heads(attn.to_q(x[idx]), attn.heads), rows, o, self._images_of(images, idx))
             return structured_forward(attn, x[idx], rows, o, self.mode, self.value_context(rows, o))
 
         return self._per_group(images, step, x.shape[0], run)
@@ -89,6 +127,8 @@ class StructureRuntime:
         """Per-head output before to_out (MIGC's global branch)."""
         def run(idx: Any, o: list[Overlay]) -> torch.Tensor:
             rows = context[idx]
+            if self.maps is not None and self.maps.wants(q.shape[-2]):
+                self.record_map(attn, q[idx], rows, o, self._images_of(images, idx))
             return structured_heads(attn, q[idx], rows, o, self.mode, heads, self.value_context(rows, o))
 
         return self._per_group(images, step, q.shape[0], run)
@@ -148,7 +188,8 @@ def phrase_list(params: StructureParams, descriptions: Sequence[str], prompt: st
     return phrases_from_descriptions(descriptions)
 
 
-def _segment_overlays(engine: TextEngine, text: str, phrases: Sequence[str], skipped: list[tuple[str, str]]) -> list[Overlay]:
+def _segment_overlays(engine: TextEngine, text: str, phrases: Sequence[str], skipped: list[tuple[str, str]],
+                      words: dict[int, list[tuple[int, int]]]) -> list[Overlay]:
     chunks = engine.chunks(text)
     result = find_spans(chunks, [(phrase, engine.chunks(phrase)[0]) for phrase in phrases], engine.vocab)
     skipped.extend(result.skipped)
@@ -160,7 +201,8 @@ def _segment_overlays(engine: TextEngine, text: str, phrases: Sequence[str], ski
             skipped.append((match.phrase, f"its own tokens ({sum(map(len, own))}) do not match its span in the prompt ({length})"))
             continue
         rows = engine.encode(match.text)[1:1 + length]
-        overlays.append(Overlay(CHUNK_TOKENS * match.chunk + 1 + match.start, rows))
+        overlays.append(Overlay(CHUNK_TOKENS * match.chunk + 1 + match.start, rows, match.phrase))
+    words[id(overlays)] = [(CHUNK_TOKENS * c + 1, CHUNK_TOKENS * c + 1 + len(chunk)) for c, chunk in enumerate(chunks)]
     return overlays
 
 
@@ -173,6 +215,7 @@ def build_runtime(
     """
     per_prompt: dict[str, Segments] = {}
     skipped: list[tuple[str, str]] = []
+    words: dict[int, list[tuple[int, int]]] = {}
     for prompt in prompts:
         if prompt in per_prompt:
             continue
@@ -180,9 +223,10 @@ def build_runtime(
             raise MigcError("MIGC structure: StructureDiffusion does not support AND sub-prompts (composable diffusion); "
                             "remove AND from the prompt or turn StructureDiffusion off.")
         phrases = phrase_list(params, descriptions, prompt)
-        per_prompt[prompt] = [(end, _segment_overlays(engine, text, phrases, skipped)) for end, text in prompt_segments(prompt, steps)]
+        per_prompt[prompt] = [(end, _segment_overlays(engine, text, phrases, skipped, words))
+                              for end, text in prompt_segments(prompt, steps)]
     unique = list(dict.fromkeys(skipped))
-    return StructureRuntime(params.mode, [per_prompt[p] for p in prompts], unique)
+    return StructureRuntime(params.mode, [per_prompt[p] for p in prompts], unique, words)
 
 
 def skipped_message(skipped: Sequence[tuple[str, str]]) -> str | None:

@@ -17,6 +17,7 @@ class StructureMode(Mode):
     """Noun-phrase encodings mixed into the cross-attention values of every attn2 (SD1.x, SD2.x)."""
 
     name, title = "structure", "StructureDiffusion"
+    draws_maps = True
 
     def asked(self, params: MigcParams) -> bool:
         return params.structure.enabled
@@ -55,6 +56,10 @@ class StructureMode(Mode):
             log.warning("%s", message)
         if not runtime.phrase_count:
             p.comment("StructureDiffusion found none of its phrases in the prompt, so it changed nothing.")
+        runtime.maps = maps = job.maps_for(self.name)
+        if maps is not None:
+            maps.labels = runtime.labels()
+            maps.source = "Shares: each phrase span's part of the attention on the prompt's words (coarse 16x16, 8x8 maps at 512x512)"
         session.structure = runtime
         return None
 
