@@ -8,6 +8,7 @@ each colour, how much of the image that region won and where the shares came fro
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from .draw import instance_colour
 DIM = 0.35  # the result's brightness under the colours
 MAX_ALPHA = 0.8  # a share of 1 paints this much colour over the dimmed result
 LINE = 16  # legend line height in px
+CHAR = 6  # PIL's default font: px per character, to wrap the legend to the image's width
 
 
 def winners(shares: torch.Tensor, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,14 +49,19 @@ def render_map(image: Image.Image, shares: torch.Tensor | None, labels: Sequence
             alpha = (MAX_ALPHA * share * where)[..., None]
             out = out * (1 - alpha) + np.asarray(instance_colour(i), dtype=np.float32) * alpha
     picture = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    lines = [(f"{i + 1}: {label[:60]}  ({won[i]:.0%} of the image)", instance_colour(i)) for i, label in enumerate(labels)]
-    lines.append((source if shares is not None else f"{source}: nothing was recorded (no shaded step)", None))
+    columns = max(16, (width - 30) // CHAR)
+    lines: list[tuple[str, tuple[int, int, int] | None]] = []
+    for i, label in enumerate(labels):
+        for n, text in enumerate(textwrap.wrap(f"{i + 1}: {label[:80]} ({won[i]:.0%} of the image)", columns)):
+            lines.append((text, instance_colour(i) if n == 0 else ()))
+    note = source if shares is not None else f"{source}: nothing was recorded (no shaded step)"
+    lines += [(text, None) for text in textwrap.wrap(note, columns + 4)]
     canvas = Image.new("RGB", (width, height + LINE * len(lines) + 8), (24, 24, 24))
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for row, (text, colour) in enumerate(lines):
         y = height + 4 + row * LINE
-        if colour is not None:
+        if colour:
             draw.rectangle([6, y + 2, 18, y + LINE - 3], fill=colour)
         draw.text((24 if colour is not None else 6, y + 1), text, fill=(235, 235, 235))
     return canvas
