@@ -84,8 +84,8 @@ def build_panel(is_img2img: bool) -> list[Any]:
                                     label="NaiveFuser steps (fraction; 0 = off)", elem_id=f"{tab}_migc_naive_steps")
         with gr.Row(elem_id=f"{tab}_migc_switches"):
             use_main_prompt = gr.Checkbox(True, label="Use main prompt as global prompt", elem_id=f"{tab}_migc_use_main_prompt")
-            append = gr.Checkbox(True, label="Add instance descriptions to the prompt", elem_id=f"{tab}_migc_append")
-            draw_boxes = gr.Checkbox(False, label="Draw boxes on an extra output image", elem_id=f"{tab}_migc_draw_boxes")
+            append = gr.Checkbox(True, label="Add descriptions to the prompt", elem_id=f"{tab}_migc_append")
+            draw_boxes = gr.Checkbox(False, label="Draw boxes (extra image)", elem_id=f"{tab}_migc_draw_boxes")
             hires = gr.Checkbox(bool(settings.option("migc_default_hires")), label="Also in the hires-fix pass", elem_id=f"{tab}_migc_hires")
             maps = gr.Checkbox(False, label="Show instance maps", elem_id=f"{tab}_migc_maps")
             consistent, consistent_row = consistent_panel.build_row(gr, tab, is_img2img)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from .conftest import pixels
+from .conftest import migc_entry, pixels
 
 BASE = {"prompt": "a room", "negative_prompt": "", "steps": 4, "width": 256, "height": 256,
         "sampler_name": "Euler", "cfg_scale": 7, "seed": 91, "batch_size": 2}
@@ -33,7 +33,7 @@ def test_maps_add_one_image_per_image_and_leave_the_images_alone(webui, mode):
     plain_generated = [image for image in plain if image.shape[:2] == (256, 256)]
     for a, b in zip(plain_generated, generated):
         assert (a == b).all(), "the main image is the same with and without maps"
-    assert all('"maps":true' in text for text in infotexts)
+    assert all(migc_entry(text)["maps"] is True for text in infotexts)
     for picture, image in zip(maps, generated):
         assert picture[:256].astype(float).mean() < image.astype(float).mean()  # the result dimmed under the colours
         assert picture[256:].max() > 200  # the legend's text
