@@ -19,7 +19,7 @@
     const HANDLE_PX = 7;         // grab distance of edges and corners, CSS pixels
     const MIN_BOX_PX = 8;        // smallest box drawn or resized, image pixels (one latent cell)
     const DRAG_START_PX = 4;     // a press that moves less than this is a click
-    const MAX_CANVAS_CSS_HEIGHT = 320;  // the panel fits one 1000 px screen with MIGC alone
+    const MAX_CANVAS_CSS_HEIGHT = 300;  // the panel fits one 1000 px screen with MIGC alone
     const MASK_ALPHA = 0.45;     // masks are drawn this opaque in their instance's colour
     const editors = {};
 
