@@ -79,9 +79,9 @@ def build_panel(is_img2img: bool) -> list[Any]:
         saved_layouts.build_row(gr, tab, layout)
         with gr.Row(elem_id=f"{tab}_migc_steps_row") as steps_row:
             migc_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_steps")), step=0.01,
-                                   label="MIGC steps (fraction of sampling steps)", elem_id=f"{tab}_migc_steps")
+                                   label="MIGC steps (fraction)", elem_id=f"{tab}_migc_steps")
             naive_steps = gr.Slider(0.0, 1.0, value=float(settings.option("migc_default_naive_steps")), step=0.01,
-                                    label="NaiveFuser steps (fraction; 0 = off)", elem_id=f"{tab}_migc_naive_steps")
+                                    label="NaiveFuser steps (fraction, 0 = off)", elem_id=f"{tab}_migc_naive_steps")
         with gr.Row(elem_id=f"{tab}_migc_switches"):
             use_main_prompt = gr.Checkbox(True, label="Use main prompt as global prompt", elem_id=f"{tab}_migc_use_main_prompt")
             append = gr.Checkbox(True, label="Add descriptions to the prompt", elem_id=f"{tab}_migc_append")

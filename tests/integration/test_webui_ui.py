@@ -56,6 +56,9 @@ def test_with_migc_alone_the_panel_fits_one_1000px_screen(page):
     height = acc.bounding_box()["height"]
     shot = os.path.join(os.environ.get("MIGC_SCREENSHOTS", tempfile.gettempdir()), "migc_panel_migc_mode.png")
     acc.screenshot(path=shot)
+    page.evaluate("sel => { const t = document.querySelector(sel); t.value = '';"
+                  " t.dispatchEvent(new Event('input', {bubbles: true})); }", "#txt2img_migc_layout textarea")
+    page.wait_for_timeout(500)  # the next test waits for its paste to fill this box
     assert height <= 1000, f"the MIGC panel is {height:.0f} px tall with MIGC alone (screenshot: {shot})"
 
 

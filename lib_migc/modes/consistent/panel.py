@@ -24,15 +24,16 @@ def build_row(gr: Any, tab: str, is_img2img: bool) -> tuple[Any, Any]:
     """The switch (in txt2img only: the record is the txt2img tab's) and its row (shown in the migc mode)."""
     with gr.Row(visible=not is_img2img, elem_id=f"{tab}_migc_consistent_row") as row:
         switch = gr.Checkbox(False, label=LABEL, elem_id=f"{tab}_migc_consistent")
-        forget = gr.Button("Forget", elem_id=f"{tab}_migc_consistent_forget", size="sm") if _has_size(gr) else \
-            gr.Button("Forget", elem_id=f"{tab}_migc_consistent_forget")
+        forget = gr.Button("Forget", elem_id=f"{tab}_migc_consistent_forget", **_compact(gr.Button))
         status = gr.Markdown("", elem_id=f"{tab}_migc_consistent_status")
     forget.click(fn=forget_record, inputs=[], outputs=[status])
     return switch, row
 
 
-def _has_size(gr: Any) -> bool:
+def _compact(component: Any) -> dict[str, Any]:
+    """A small button that does not take half the row, in the gradio versions that can say so."""
     import inspect
 
-    return "size" in inspect.signature(gr.Button.__init__).parameters
-
+    accepted = inspect.signature(component.__init__).parameters
+    wanted = {"size": "sm", "scale": 0, "min_width": 80}
+    return {name: value for name, value in wanted.items() if name in accepted}
