@@ -119,6 +119,14 @@ def build_sd1_unet(device, dtype):
     return unet.to(device, dtype).eval().requires_grad_(False)
 
 
+def cfg_inputs(width: int, height: int, device, dtype):
+    """(x, t, context) of one CFG step (cond + uncond row), seeded, and the UNet's plain forward on them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 4, height // 8, width // 8), generator=g).to(device, dtype)
+    ctx = torch.randn((2, 77, 768), generator=g).to(device, dtype)
+    return x, torch.full((2,), 500.0, device=device), ctx
+
+
 def session_for(n: int, naive_only: bool, blocks, width: int, height: int, device, dtype, kind: str = "migc",
                 naive_too: bool = False) -> MigcSession:
     layout = parse_layout([{"description": f"thing {i}", "box": list(GRID[i % len(GRID)])} for i in range(n)])
@@ -203,10 +211,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         width, height = map(int, size.split("x"))
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn((2, 4, height // 8, width // 8), generator=g).to(device, dtype)
-        ctx = torch.randn((2, 77, 768), generator=g).to(device, dtype)
-        t = torch.full((2,), 500.0, device=device)
+        x, t, ctx = cfg_inputs(width, height, device, dtype)
 
         def forward():
             with torch.no_grad():
