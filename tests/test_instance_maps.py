@@ -242,3 +242,21 @@ def test_sac_shares_are_each_instances_part_of_what_the_sac_mixes(plus):
                 rest = float(weights[b, -1, y, x]) + (0.0 if plus else float(weights[b, 0, y, x] * masks.background[y * 4 + x]))
                 for i in range(2):
                     assert float(shares[b, i, y, x]) == pytest.approx(inst[i] / (sum(inst) + rest), rel=1e-5)
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+def test_both_hosts_collect_migc_maps_in_a_whole_generation_without_changing_it(webui_modules, unet, text_model, host,
+                                                                                   monkeypatch):
+    """An Euler txt2img loop through each host's own attention hooks (Forge: its transformer-block patches)."""
+    from test_consistent import generate
+
+    ended = []
+    original = InstanceMaps.end_batch
+    monkeypatch.setattr(InstanceMaps, "end_batch", lambda self: (ended.append(self), original(self))[1])
+    data = {"enabled": True, "weights": "tiny.safetensors", "instances": INSTANCES, "migc_steps": 1.0}
+    plain, _ = generate(unet, text_model, (data,), host=host)
+    with_maps, _ = generate(unet, text_model, ({**data, "maps": True},), host=host)
+    assert torch.equal(plain, with_maps)
+    assert len(ended) == 1 and ended[0].owner == "migc"
+    shares = ended[0].batches[0].shares[0]
+    assert shares is not None and shares.shape[0] == 2 and float(shares.max()) > 0
