@@ -2,11 +2,11 @@
 
     python bench/bench_maps.py [--size 512x512] [--instances 6] [--phrases 4] [--repeats 200] [--device cpu|cuda]
 
-Whole-step twins (``bench_unet.py --maps``) cannot resolve 1 % on a busy CPU (their medians move by ±10 %),
+Whole-step twins (``bench_unet.py --maps``) cannot resolve 1 % on a busy CPU (their medians moved by ±15 % here),
 so this bench times the collection itself: it runs one hooked forward of the full-size SD1 UNet (random
 weights, the A1111 adapter's hooks) per mode with maps on, captures every recording call the hooks make
 (MIGC: the SAC weights and masks each coarse layer hands over; naive: the masks; StructureDiffusion alone:
-each coarse layer's query input and prompt rows), then replays exactly those calls ``--repeats`` times.
+every attn2 call, which records on the coarse layers), then replays exactly those calls ``--repeats`` times.
 MultiDiffusion records once per pass and MagicFusion one (images, 1, h, w) mask per step; they are timed the
 same way. Prints per-step cost in ms and as a percentage of the plain step (median of 5). Asserts nothing.
 """
@@ -53,13 +53,8 @@ def captured_calls(unet, session, x, t, ctx) -> list:
         calls.append(lambda: original_add(self, images, shares))
         return original_add(self, images, shares)
 
-    def record(self, attn, q, rows, overlays, images):
-        calls.append(lambda: original_record(self, attn, q, rows, overlays, images))
-        maps, self.maps = self.maps, None  # only the replay records
-        try:
-            return original_record(self, attn, q, rows, overlays, images)
-        finally:
-            self.maps = maps
+    def record(self, *record_args):
+        calls.append(lambda: original_record(self, *record_args))  # only the replay records
 
     session_module.sac_instance_shares, session_module.naive_instance_shares = sac, naive
     InstanceMaps.add, StructureRuntime.record_map = add, record

@@ -21,6 +21,8 @@ from .masks import LATENT_FACTOR, feature_size
 #: Record attention shares only where a feature map has at most 1/16 of the latent's cells (at 512x512:
 #: the 16x16 and 8x8 maps MIGC shades): what "dominated" means is already visible there, and the cost stays tiny.
 MAX_TOKEN_FRACTION = 16
+#: How legends name those layers.
+COARSE_LAYERS = "the coarse (16x16, 8x8 at 512x512) attention maps"
 
 
 @dataclass
@@ -41,7 +43,6 @@ class InstanceMaps:
     source: str = ""
     batches: list[BatchMaps] = field(default_factory=list)
     _images: int = 0
-    _latent_tokens: int = 0
     _latent_hw: tuple[int, int] = (0, 0)
     _sums: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     _counts: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # calls per image, on the host
@@ -51,11 +52,10 @@ class InstanceMaps:
         """A sampling pass of ``images`` images at ``width`` x ``height`` px (the hires pass adds to the same batch)."""
         self._images = max(int(images), 1)
         self._latent_hw = (height // LATENT_FACTOR, width // LATENT_FACTOR)
-        self._latent_tokens = self._latent_hw[0] * self._latent_hw[1]
 
     def wants(self, tokens: int) -> bool:
         """Whether an attention layer with ``tokens`` query cells is one the maps record."""
-        return 0 < tokens * MAX_TOKEN_FRACTION <= self._latent_tokens
+        return 0 < tokens * MAX_TOKEN_FRACTION <= self._latent_hw[0] * self._latent_hw[1]
 
     def size_of(self, tokens: int) -> tuple[int, int]:
         """(h, w) of a feature map with ``tokens`` cells in this pass."""

@@ -50,18 +50,18 @@ def render_map(image: Image.Image, shares: torch.Tensor | None, labels: Sequence
             out = out * (1 - alpha) + np.asarray(instance_colour(i), dtype=np.float32) * alpha
     picture = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     columns = max(16, (width - 30) // CHAR)
-    lines: list[tuple[str, tuple[int, int, int] | None]] = []
+    lines: list[tuple[str, int | None, bool]] = []  # (text, instance whose swatch starts the line, indented)
     for i, label in enumerate(labels):
         for n, text in enumerate(textwrap.wrap(f"{i + 1}: {label[:80]} ({won[i]:.0%} of the image)", columns)):
-            lines.append((text, instance_colour(i) if n == 0 else ()))
+            lines.append((text, i if n == 0 else None, True))
     note = source if shares is not None else f"{source}: nothing was recorded (no shaded step)"
-    lines += [(text, None) for text in textwrap.wrap(note, columns + 4)]
+    lines += [(text, None, False) for text in textwrap.wrap(note, columns + 4)]
     canvas = Image.new("RGB", (width, height + LINE * len(lines) + 8), (24, 24, 24))
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for row, (text, colour) in enumerate(lines):
+    for row, (text, swatch, indented) in enumerate(lines):
         y = height + 4 + row * LINE
-        if colour:
-            draw.rectangle([6, y + 2, 18, y + LINE - 3], fill=colour)
-        draw.text((24 if colour is not None else 6, y + 1), text, fill=(235, 235, 235))
+        if swatch is not None:
+            draw.rectangle([6, y + 2, 18, y + LINE - 3], fill=instance_colour(swatch))
+        draw.text((24 if indented else 6, y + 1), text, fill=(235, 235, 235))
     return canvas

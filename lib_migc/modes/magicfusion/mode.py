@@ -71,7 +71,7 @@ def install(job: Any, hr_pass: bool) -> Any:
         with devices.autocast():
             cond = p.sd_model.get_learned_conditioning([params.prompt_b])
         prompt_b = (cond["crossattn"] if isinstance(cond, dict) else cond)[0].detach()
-    runtime = FusionRuntime(params, unet_b, prompt_b, maps=job.maps_for("magicfusion"))
+    runtime = FusionRuntime(params, unet_b, prompt_b, maps=job.maps_for(MagicFusionMode.name))
     if runtime.maps is not None:
         runtime.maps.labels = [f"model B ({params.model_b})" + (f": {params.prompt_b[:40]}" if params.prompt_b else "")]
         runtime.maps.source = "Shares: the part of the fused steps in which model B won the pixel (the rest: model A)"

@@ -12,6 +12,7 @@ import torch
 from ...core import settings
 from ...core.errors import MigcError
 from ...core.families import model_family
+from ...core.instance_maps import COARSE_LAYERS
 from ...core.layout import MAX_MIGC_INSTANCES, fit_masks
 from ...core.text_encoding import encode_conditioning, encode_phrases, own_global_context
 from ...params import MigcParams, with_descriptions_appended
@@ -93,11 +94,12 @@ class MigcMode(Mode):
 def maps_source(params: MigcParams, session: Any) -> str:
     """The legend's last line: which weights the instance maps show."""
     fuser = "the naive fuser's weights"
+    where = f"mean over the shaded calls of {COARSE_LAYERS}"
     if params.mode == MODE_NAIVE:
-        return f"Shares: {fuser}, mean over the shaded attention calls on the coarse (16x16, 8x8 at 512x512) maps"
+        return f"Shares: {fuser}, {where}"
     sac = "MIGC++'s SAC weights" if session.weights is not None and session.weights.plus else "MIGC's SAC weights"
     naive = f", then {fuser}" if params.naive_steps > params.migc_steps else ""
-    return f"Shares: {sac} x instance masks{naive}, mean over the shaded attention calls on the coarse (16x16, 8x8 at 512x512) maps"
+    return f"Shares: {sac} x instance masks{naive}, {where}"
 
 
 def unknown_family(p: Any, mode: str) -> str | None:

@@ -97,18 +97,17 @@ class StructureRuntime:
             mask = self._word_rows[key] = mask.to(device)
         return mask
 
-    def record_map(self, attn: nn.Module, q: torch.Tensor | Callable[[], torch.Tensor], rows: torch.Tensor,
+    def record_map(self, attn: nn.Module, tokens: int, query_heads: Callable[[], torch.Tensor], rows: torch.Tensor,
                    overlays: list[Overlay], images: Sequence[int]) -> None:
-        """Add the spans' attention shares of these rows to the instance maps, on the coarse layers they record
-        (``q``: the query heads, or how to make them); rows whose phrases are not the legend's are left out."""
+        """Add the spans' attention shares of these rows to the instance maps when this layer (``tokens`` query
+        cells) is one they record; ``query_heads()`` gives its query heads (made only then). Rows whose phrases
+        are not the legend's are left out."""
         maps = self.maps
-        if maps is None or not overlays or len(overlays) != len(maps.labels) or any(o.end > rows.shape[1] for o in overlays):
+        if (maps is None or not maps.wants(tokens) or not overlays or len(overlays) != len(maps.labels)
+                or any(o.end > rows.shape[1] for o in overlays)):
             return
-        q = q if torch.is_tensor(q) else q()
-        if not maps.wants(q.shape[-2]):
-            return
-        shares = span_shares(attn, q, rows, overlays, self._word_mask(overlays, rows.shape[1], rows.device))
-        maps.add(images, shares.reshape(*shares.shape[:2], *maps.size_of(q.shape[-2])))
+        shares = span_shares(attn, query_heads(), rows, overlays, self._word_mask(overlays, rows.shape[1], rows.device))
+        maps.add(images, shares.reshape(*shares.shape[:2], *maps.size_of(tokens)))
 
     def _images_of(self, images: Sequence[int], idx: Any) -> list[int]:
         return list(images) if isinstance(idx, slice) else [images[i] for i in idx]
@@ -117,8 +116,9 @@ class StructureRuntime:
         """attn2 output (after to_out) of cond rows ``x`` with their prompt context ``context``."""
         def run(idx: Any, o: list[Overlay]) -> torch.Tensor:
             rows = context[idx]
-            if self.maps is not None and self.maps.wants(x.shape[1]):
-                self.record_map(attn, lambda: _heads(attn.to_q(x[idx]), attn.heads), rows, o, self._images_of(images, idx))
+            if self.maps is not None:
+                self.record_map(attn, x.shape[1], lambda: _heads(attn.to_q(x[idx]), attn.heads), rows, o,
+                                self._images_of(images, idx))
             return structured_forward(attn, x[idx], rows, o, self.mode, self.value_context(rows, o))
 
         return self._per_group(images, step, x.shape[0], run)
@@ -127,8 +127,8 @@ class StructureRuntime:
         """Per-head output before to_out (MIGC's global branch)."""
         def run(idx: Any, o: list[Overlay]) -> torch.Tensor:
             rows = context[idx]
-            if self.maps is not None and self.maps.wants(q.shape[-2]):
-                self.record_map(attn, q[idx], rows, o, self._images_of(images, idx))
+            if self.maps is not None:
+                self.record_map(attn, q.shape[-2], lambda: q[idx], rows, o, self._images_of(images, idx))
             return structured_heads(attn, q[idx], rows, o, self.mode, heads, self.value_context(rows, o))
 
         return self._per_group(images, step, q.shape[0], run)

@@ -6,6 +6,7 @@ from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
+from ...core.instance_maps import COARSE_LAYERS
 from ...params import MigcParams
 from ..base import Mode
 from .method import TextEngine, build_runtime, skipped_message
@@ -59,7 +60,7 @@ class StructureMode(Mode):
         runtime.maps = maps = job.maps_for(self.name)
         if maps is not None:
             maps.labels = runtime.labels()
-            maps.source = "Shares: each phrase span's part of the attention on the prompt's words (coarse 16x16, 8x8 maps at 512x512)"
+            maps.source = f"Shares: each phrase span's part of the attention on the prompt's words, on {COARSE_LAYERS}"
         session.structure = runtime
         return None
 
